@@ -1,0 +1,24 @@
+"""samseg: SAM-2 automatic masks as a Celery-on-SQS service.
+
+`celery -A samseg …` finds the Celery app as `samseg.app`; it is imported lazily so that the pure
+modules (masks, contracts) can be used without building a Celery app.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    app: Celery
+
+__all__ = ["app"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from samseg.celery_app import app
+
+        return app
+    raise AttributeError(f"module 'samseg' has no attribute {name!r}")

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import quote, urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ModelName = Literal["sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large"]
 AmgImpl = Literal["upstream", "fast"]
@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     download_timeout_seconds: float = Field(30.0, gt=0)
+    allow_private_networks: bool = False
+    allowed_image_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # --- model -----------------------------------------------------------------------------------------
     sam2_model: ModelName = "sam2.1_hiera_tiny"
@@ -65,11 +67,23 @@ class Settings(BaseSettings):
     amg_stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
     amg_box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
     amg_min_mask_region_area: int = Field(0, ge=0)
+    amg_int8: bool = False
+    amg_compile: bool = False
+    amg_half: bool = False
+    amg_prune: bool = False
     segment_time_limit_seconds: int = Field(1800, ge=10)
+    weights_base_url: str | None = None
 
     # --- logging ---------------------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool | None = None
+
+    @field_validator("allowed_image_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
 
     @field_validator("device")
     @classmethod
@@ -79,7 +93,7 @@ class Settings(BaseSettings):
             raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         return value
 
-    @field_validator("app_server_url", "aws_endpoint_url_sqs")
+    @field_validator("app_server_url", "aws_endpoint_url_sqs", "weights_base_url")
     @classmethod
     def _check_optional_url(cls, value: str | None) -> str | None:
         return _http_url(value) if value else None

@@ -1,0 +1,71 @@
+"""Celery settings for samseg, derived from the one Settings class (environment and `.env`)."""
+
+from __future__ import annotations
+
+from kombu import Exchange, Queue
+
+from samseg.settings import get_settings
+
+_s = get_settings()
+
+broker_url = _s.broker_url
+broker_transport_options = {
+    "region": _s.aws_region,
+    "is_secure": _s.sqs_is_secure,
+    # Applied by kombu only to queues it creates; `samseg queues ensure` sets it on existing ones.
+    "visibility_timeout": _s.visibility_timeout_seconds,
+    "wait_time_seconds": 10,  # long polling: one ReceiveMessage per 10 s per idle queue, no busy loop
+    "polling_interval": 1,
+    # samseg prefixes its own queue names itself (see task_queues): kombu's queue_name_prefix would also
+    # rename the app server's jobs queue, whose name must stay exactly SAMSEG_JOBS_QUEUE.
+    "queue_name_prefix": "",
+}
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None  # keep retrying while SQS is unreachable
+
+result_backend = _s.result_backend_url
+result_extended = False
+result_expires = 7 * 24 * 3600  # job status outlives the assets (SAMSEG_ASSET_TTL_SECONDS) by design
+task_ignore_result = True  # chain results travel with the messages; job status has its own record
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+
+# At-least-once: a task is acknowledged only after it finished, and a task whose worker died is
+# redelivered (after the visibility timeout) instead of being lost.
+task_acks_late = True
+task_reject_on_worker_lost = True
+task_acks_on_failure_or_timeout = True
+worker_prefetch_multiplier = 1
+worker_hijack_root_logger = False
+worker_send_task_events = False
+task_send_sent_event = False
+
+_default_exchange = Exchange("samseg", type="direct")
+task_queues = (
+    Queue(_s.io_queue, _default_exchange, routing_key=_s.io_queue),
+    Queue(_s.gpu_queue, _default_exchange, routing_key=_s.gpu_queue),
+)
+task_default_queue = _s.io_queue
+task_default_exchange = "samseg"
+task_default_routing_key = _s.io_queue
+task_routes = {"samseg.segment": {"queue": _s.gpu_queue, "routing_key": _s.gpu_queue}}
+task_create_missing_queues = True
+
+task_soft_time_limit = 300
+task_time_limit = 360
+# The segment task gets its own limits (SAMSEG_SEGMENT_TIME_LIMIT_SECONDS) via task options.
+
+beat_schedule = {
+    "purge-old-assets": {
+        "task": "samseg.purge",
+        "schedule": _s.cleanup_interval_seconds,
+        "options": {"queue": _s.io_queue, "expires": _s.cleanup_interval_seconds},
+    }
+}
+beat_schedule_filename = str(_s.state_dir / "celerybeat-schedule")
+beat_max_loop_interval = min(300.0, _s.cleanup_interval_seconds)
+
+timezone = "UTC"
+enable_utc = True

@@ -1,0 +1,102 @@
+"""HTTP API: job submission and status, the mask assets, health.
+
+Assets are served by an explicit route rather than a static mount: only `{uuid}/mask_images/mask_NNN.png`
+and `{uuid}/result.json` exist as URLs, so nothing else under the assets directory (work files, the job
+database, a symlink) can ever be reached.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import structlog
+from fastapi import FastAPI, HTTPException, Path as PathParam, Request
+from fastapi.responses import FileResponse
+
+from samseg.celery_app import app as celery_app
+from samseg.contracts import UUID_PATTERN, JobAccepted, JobMessage, JobState, JobStatus
+from samseg.jobs import JobStore
+from samseg.logs import configure_logging
+from samseg.settings import get_settings
+from samseg.sqs import JobQueues
+from samseg.storage import MASK_DIR, RESULT_FILE, AssetStore
+
+log = structlog.get_logger(__name__)
+settings = get_settings()
+configure_logging(settings.log_level, settings.log_json)
+
+MASK_NAME = re.compile(r"^mask_\d{3,6}\.png$")
+
+app = FastAPI(
+    title="samseg",
+    version="0.1.0",
+    summary="SAM-2 automatic masks: job status and mask assets",
+)
+store = AssetStore(settings.assets_dir)
+jobs = JobStore(celery_app)
+_queues: JobQueues | None = None
+
+JobIdParam = Annotated[str, PathParam(description="the job's uuid, as sent by the app server")]
+
+
+def job_queues() -> JobQueues:
+    global _queues
+    if _queues is None:
+        _queues = JobQueues(settings)
+    return _queues
+
+
+@app.get("/healthz", tags=["health"])
+def healthz() -> dict[str, str]:
+    """The process is up and serving (no dependency checks)."""
+    return {"status": "ok"}
+
+
+@app.post("/jobs", status_code=202, response_model=JobAccepted, tags=["jobs"])
+def submit_job(job: JobMessage, request: Request) -> JobAccepted:
+    """Put a job on the jobs queue exactly as the app server would (a plain JSON message)."""
+    try:
+        job_queues().send_job(job.model_dump())
+    except Exception as exc:
+        log.error("submit_failed", job_uuid=job.uuid, error=repr(exc))
+        raise HTTPException(503, detail="the jobs queue is unreachable; try again") from exc
+    if jobs.get(job.uuid) is None:
+        jobs.set(job.uuid, JobState.QUEUED)
+    return JobAccepted(uuid=job.uuid, status_url=str(request.url_for("job_status", uuid=job.uuid)))
+
+
+@app.get("/jobs/{uuid}", response_model=JobStatus, response_model_exclude_none=True, tags=["jobs"])
+def job_status(uuid: JobIdParam) -> JobStatus:
+    """queued → running (with the current stage) → completed (with segments) or failed (with the error)."""
+    if not UUID_PATTERN.fullmatch(uuid):
+        raise HTTPException(404, detail="unknown job")
+    status = jobs.get(uuid)
+    if status is None:
+        raise HTTPException(404, detail="unknown job")
+    return status
+
+
+@app.get("/assets/{uuid}/mask_images/{name}", tags=["assets"], response_class=FileResponse)
+def mask_image(uuid: JobIdParam, name: str) -> FileResponse:
+    if not UUID_PATTERN.fullmatch(uuid) or not MASK_NAME.fullmatch(name):
+        raise HTTPException(404, detail="not found")
+    return _serve(store.job_dir(uuid) / MASK_DIR / name, "image/png")
+
+
+@app.get("/assets/{uuid}/result.json", tags=["assets"], response_class=FileResponse)
+def result_json(uuid: JobIdParam) -> FileResponse:
+    if not UUID_PATTERN.fullmatch(uuid):
+        raise HTTPException(404, detail="not found")
+    return _serve(store.job_dir(uuid) / RESULT_FILE, "application/json")
+
+
+def _serve(path: Path, media_type: str) -> FileResponse:
+    root = store.root.resolve()
+    # Names were validated above; refusing links as well keeps a planted symlink from leaking files.
+    if path.is_symlink() or path.parent.is_symlink() or path.parent.parent.is_symlink() or not path.is_file():
+        raise HTTPException(404, detail="not found")
+    if root not in path.resolve().parents:
+        raise HTTPException(404, detail="not found")
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=300"})

@@ -1,0 +1,112 @@
+"""Wire formats: what crosses a process boundary, in one place.
+
+The ingress message and the callback body are contracts with the app server; the job status is the
+API's contract with its clients. Changing a field name here is a breaking change.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+# A uuid names a folder and a URL path segment, so it must be a safe identifier: no separators, no dots
+# at the start, nothing that needs escaping. UUIDs, ULIDs and most app-side ids fit.
+UUID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+def _safe_uuid(value: str) -> str:
+    if not UUID_PATTERN.fullmatch(value):
+        raise ValueError("uuid must be 1-128 characters of letters, digits, '-' and '_', starting alphanumeric")
+    return value
+
+
+JobId = Annotated[str, AfterValidator(_safe_uuid)]
+
+
+class JobMessage(BaseModel):
+    """The raw JSON body the app server puts on the jobs queue (and POST /jobs accepts)."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    uuid: JobId
+    image_url: str = Field(min_length=1, max_length=4096)
+
+
+class BBox(BaseModel):
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+class Point(BaseModel):
+    x: int
+    y: int
+
+
+class Segment(BaseModel):
+    segment_id: int
+    mask_url: str
+    bbox: BBox
+    area: int
+    stability_score: float
+    predicted_iou: float
+    center_point: Point
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class CallbackBody(BaseModel):
+    """PATCH body sent to the app server: `completed` with segments, or `failed` with an error."""
+
+    uuid: str
+    status: Literal["completed", "failed"]
+    segments: list[Segment] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    image_width: int | None = None
+    image_height: int | None = None
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class Stage(StrEnum):
+    DOWNLOAD = "download"
+    SEGMENT = "segment"
+    PERSIST = "persist"
+    NOTIFY = "notify"
+
+
+class CallbackStatus(BaseModel):
+    delivered: bool
+    attempts: int
+    http_status: int | None = None
+    error: str | None = None
+
+
+class JobStatus(BaseModel):
+    """GET /jobs/{uuid}: where a job is, and its result once it has one."""
+
+    uuid: str
+    status: JobState
+    stage: Stage | None = None
+    updated_at: float
+    segments: list[Segment] | None = None
+    error: ErrorInfo | None = None
+    callback: CallbackStatus | None = None
+
+
+class JobAccepted(BaseModel):
+    uuid: str
+    status: JobState = JobState.QUEUED
+    status_url: str

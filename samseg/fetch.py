@@ -1,0 +1,148 @@
+"""Download an image the app server points at, as an untrusted input.
+
+`image_url` ultimately comes from end users, so: http(s) only; every hop (redirects included) must
+resolve to public addresses unless private networks are allowed (the EC2 metadata service at
+169.254.169.254 hands out the worker's IAM credentials); bytes are streamed under a cap and an overall
+deadline; the pixel count is checked from the header before anything is decoded (decompression bombs).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from samseg.errors import JobError
+from samseg.settings import Settings
+
+MAX_REDIRECTS = 5
+USER_AGENT = "samseg/0.1 (+image fetch)"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    format: str | None
+
+
+def check_url(url: str, settings: Settings) -> None:
+    """Refuse schemes other than http(s) and hosts that resolve to non-public addresses."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"}:
+        raise JobError("image_url_scheme", f"only http and https image URLs are accepted, not {parts.scheme!r}")
+    if not parts.hostname:
+        raise JobError("image_url_invalid", "image URL has no host")
+    if parts.username or parts.password:
+        raise JobError("image_url_invalid", "image URL must not carry credentials")
+    if settings.allow_private_networks or parts.hostname in settings.allowed_image_hosts:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, ValueError) as exc:
+        raise JobError("image_host_unresolvable", f"cannot resolve {parts.hostname!r}: {exc}") from exc
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global or address.is_multicast:
+            raise JobError(
+                "image_url_forbidden",
+                f"{parts.hostname!r} resolves to {address}, a non-public address; "
+                "set SAMSEG_ALLOW_PRIVATE_NETWORKS=true or SAMSEG_ALLOWED_IMAGE_HOSTS to allow it",
+            )
+
+
+def download_image(url: str, dest: Path, settings: Settings) -> int:
+    """Stream `url` to `dest` (≤ SAMSEG_MAX_IMAGE_BYTES, ≤ SAMSEG_DOWNLOAD_TIMEOUT_SECONDS in all)."""
+    deadline = time.monotonic() + settings.download_timeout_seconds
+    timeout = httpx.Timeout(settings.download_timeout_seconds, connect=min(10.0, settings.download_timeout_seconds))
+    tmp = dest.with_name(dest.name + ".part")
+    with httpx.Client(timeout=timeout, follow_redirects=False, headers={"User-Agent": USER_AGENT}) as client:
+        for _hop in range(MAX_REDIRECTS + 1):
+            check_url(url, settings)
+            try:
+                with client.stream("GET", url) as response:
+                    if response.is_redirect:
+                        location = response.headers.get("location")
+                        if not location:
+                            raise JobError("image_http_error", f"redirect without Location from {url}")
+                        url = urljoin(url, location)
+                        continue
+                    _check_status(response)
+                    declared = response.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > settings.max_image_bytes:
+                        raise JobError("image_too_large", _too_large(int(declared), settings))
+                    size = 0
+                    with tmp.open("wb") as out:
+                        for chunk in response.iter_bytes(64 * 1024):
+                            size += len(chunk)
+                            if size > settings.max_image_bytes:
+                                raise JobError("image_too_large", _too_large(size, settings))
+                            if time.monotonic() > deadline:
+                                raise JobError("image_download_timeout", _timed_out(settings))
+                            out.write(chunk)
+                    if size == 0:
+                        raise JobError("image_empty", "the image URL returned an empty body")
+                    tmp.replace(dest)
+                    return size
+            except httpx.TimeoutException as exc:
+                raise JobError("image_download_timeout", _timed_out(settings)) from exc
+            except httpx.HTTPError as exc:
+                raise JobError("image_download_failed", f"cannot download the image: {exc!r}") from exc
+            finally:
+                tmp.unlink(missing_ok=True)
+        raise JobError("image_too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
+
+
+def probe_image(path: Path, settings: Settings) -> ImageInfo:
+    """Read only the header, so a 50k x 50k PNG is refused before it is decompressed."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            fmt = image.format
+    except UnidentifiedImageError as exc:
+        raise JobError("image_invalid", "the downloaded bytes are not an image format samseg can read") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise JobError("image_invalid", f"cannot read the image header: {exc}") from exc
+    if width * height > settings.max_image_pixels:
+        raise JobError(
+            "image_too_many_pixels",
+            f"{width}x{height} is more than SAMSEG_MAX_IMAGE_PIXELS={settings.max_image_pixels} pixels",
+        )
+    return ImageInfo(width=width, height=height, format=fmt)
+
+
+def load_rgb(path: Path, settings: Settings) -> npt.NDArray[np.uint8]:
+    """Decode to RGB, applying EXIF orientation so masks line up with the image as browsers show it."""
+    probe_image(path, settings)
+    Image.MAX_IMAGE_PIXELS = None  # our own limit was checked above, from the header
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise JobError("image_invalid", f"the image cannot be decoded (truncated or corrupt): {exc}") from exc
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _check_status(response: httpx.Response) -> None:
+    if response.status_code == 404:
+        raise JobError("image_not_found", f"the image URL answered 404 Not Found ({response.url})")
+    if response.status_code != 200:
+        raise JobError("image_http_error", f"the image URL answered HTTP {response.status_code}")
+
+
+def _too_large(size: int, settings: Settings) -> str:
+    return f"the image is larger than SAMSEG_MAX_IMAGE_BYTES={settings.max_image_bytes} bytes (got {size}+)"
+
+
+def _timed_out(settings: Settings) -> str:
+    return f"the download took longer than SAMSEG_DOWNLOAD_TIMEOUT_SECONDS={settings.download_timeout_seconds}"

@@ -1,0 +1,132 @@
+"""The raw-JSON door: a worker consumer on SAMSEG_JOBS_QUEUE that turns app-server messages into chains.
+
+The app server is not a Celery client, so its messages are plain JSON. kombu hands them over wrapped,
+and treats a body with a top-level `properties` key as its own envelope, so the handler parses the
+untouched SQS body from `delivery_info["sqs_message"]["Body"]`.
+
+A message is acknowledged only after its chain was published (or it was dead-lettered): a crash in
+between leaves it on SQS to be redelivered. Messages that are not jobs go to the dead-letter queue with
+the reason; if a safe uuid can still be read from them, that job also gets a `failed` callback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import structlog
+from celery import bootsteps
+from kombu import Consumer, Queue
+from kombu.message import Message
+from pydantic import ValidationError
+
+from samseg.contracts import UUID_PATTERN, ErrorInfo, JobMessage, JobState
+from samseg.logs import bind_job, unbind_job
+from samseg.settings import Settings, get_settings
+from samseg.sqs import JobQueues
+
+log = structlog.get_logger(__name__)
+
+
+class InvalidJob(ValueError):
+    def __init__(self, reason: str, uuid: str | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.uuid = uuid
+
+
+def raw_body(body: Any, message: Message) -> str:
+    sqs_message = (message.delivery_info or {}).get("sqs_message") or {}
+    raw = sqs_message.get("Body")
+    if isinstance(raw, str):
+        return raw
+    if isinstance(body, bytes):
+        return body.decode("utf-8", errors="replace")
+    return body if isinstance(body, str) else json.dumps(body)
+
+
+def parse_job(raw: str) -> JobMessage:
+    """Validate one ingress body; InvalidJob says why and carries the uuid if one can be trusted."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidJob(f"body is not JSON: {exc.msg if hasattr(exc, 'msg') else exc}", None) from exc
+    if not isinstance(data, dict):
+        raise InvalidJob(f"body is JSON {type(data).__name__}, not an object", None)
+    candidate = data.get("uuid")
+    uuid = candidate if isinstance(candidate, str) and UUID_PATTERN.fullmatch(candidate) else None
+    try:
+        return JobMessage.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise InvalidJob(f"invalid job: {problems}", uuid) from exc
+
+
+class IngressHandler:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._queues: JobQueues | None = None
+
+    @property
+    def queues(self) -> JobQueues:
+        if self._queues is None:
+            self._queues = JobQueues(self.settings)
+        return self._queues
+
+    def __call__(self, body: Any, message: Message) -> None:
+        from samseg.pipeline import build_chain, jobs, notify
+
+        raw = raw_body(body, message)
+        message_id = ((message.delivery_info or {}).get("sqs_message") or {}).get("MessageId")
+        try:
+            job = parse_job(raw)
+        except InvalidJob as bad:
+            bind_job(bad.uuid, "ingress")
+            log.error("ingress_rejected", reason=bad.reason, message_id=message_id, body=raw[:300])
+            try:
+                self.queues.dead_letter(raw, bad.reason, message_id)
+                if bad.uuid:
+                    error = ErrorInfo(code="invalid_job", message=bad.reason)
+                    jobs.set(bad.uuid, JobState.FAILED, None, error=error)
+                    notify.apply_async(({"uuid": bad.uuid, "error": error.model_dump()},), task_id=f"{bad.uuid}.notify")
+            except Exception as exc:  # SQS down: keep the message, it comes back after a backoff
+                log.warning("ingress_dead_letter_failed", error=repr(exc))
+                message.requeue()
+                return
+            message.ack()
+            unbind_job()
+            return
+        bind_job(job.uuid, "ingress")
+        try:
+            jobs.set(job.uuid, JobState.QUEUED)
+            build_chain(job).apply_async()
+        except Exception as exc:
+            log.warning("ingress_publish_failed", error=repr(exc))
+            message.requeue()  # becomes visible again after the long-poll interval
+        else:
+            message.ack()
+            log.info("job_accepted", image_url=job.image_url, message_id=message_id)
+        finally:
+            unbind_job()
+
+
+class IngressStep(bootsteps.ConsumerStep):
+    """Consumes the jobs queue in workers started without -Q, or with the jobs queue named in -Q."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        settings = get_settings()
+        queues = parent.app.amqp.queues
+        selected = queues._consume_from  # None: no -Q was given
+        self.enabled = selected is None or settings.jobs_queue in selected
+        if selected is not None and settings.jobs_queue in selected:
+            # Named in -Q only to switch ingress on: Celery's task consumer must not read raw JSON.
+            queues.deselect([settings.jobs_queue])
+        self.settings = settings
+
+    def get_consumers(self, channel: Any) -> list[Consumer]:
+        if not self.enabled:
+            return []
+        queue = Queue(self.settings.jobs_queue, no_declare=False)
+        log.info("ingress_consuming", queue=self.settings.jobs_queue)
+        return [Consumer(channel, queues=[queue], callbacks=[IngressHandler(self.settings)], accept=None)]

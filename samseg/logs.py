@@ -1,0 +1,69 @@
+"""structlog set-up shared by the worker, beat, the API and the CLI.
+
+JSON lines when stderr is not a terminal (containers, log shippers), coloured key=value on a terminal.
+Celery's and uvicorn's stdlib loggers go through the same renderer, so every line has one shape, and the
+job uuid and task name bound in contextvars (see `bind_job`) appear on every line written during a task.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_configured = False
+
+
+def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
+    global _configured
+    render_json = (not sys.stderr.isatty()) if json is None else json
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if render_json else structlog.dev.ConsoleRenderer(colors=True)
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if render_json else _identity,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "hydra"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "kombu"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    _configured = True
+
+
+def _identity(_: Any, __: str, event: Any) -> Any:
+    return event
+
+
+def bind_job(uuid: str | None, task: str | None) -> None:
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(job_uuid=uuid, task=task)
+
+
+def unbind_job() -> None:
+    structlog.contextvars.clear_contextvars()

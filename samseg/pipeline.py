@@ -1,0 +1,227 @@
+"""The job's chain: download → segment → persist → notify, and what happens when a link fails.
+
+Tasks pass a small dict (`uuid`, `image_url`, image size, counts) — never pixels: SQS messages are capped
+at 256 KiB, so images and masks travel through the work directory (a shared volume across hosts).
+Any failure reaches `on_job_error`, which records it and queues a `failed` callback, so every job ends in
+exactly one callback.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from billiard.exceptions import TimeLimitExceeded  # type: ignore[import-untyped]
+from celery import Task, chain
+from celery.exceptions import SoftTimeLimitExceeded
+
+from samseg.celery_app import app
+from samseg.contracts import (
+    BBox,
+    CallbackBody,
+    CallbackStatus,
+    ErrorInfo,
+    JobMessage,
+    JobState,
+    Point,
+    Segment,
+    Stage,
+)
+from samseg.errors import JobError
+from samseg.fetch import download_image, load_rgb, probe_image
+from samseg.jobs import JobStore
+from samseg.masks import mask_filename, mask_geometry, pack_masks, unpack_masks, write_mask_pngs
+from samseg.notify import send_callback
+from samseg.segmenter import get_segmenter
+from samseg.settings import get_settings
+from samseg.storage import MASK_DIR, RESULT_FILE, AssetStore, write_json_atomic
+
+log = structlog.get_logger(__name__)
+
+settings = get_settings()
+store = AssetStore(settings.assets_dir)
+jobs = JobStore(app)
+
+SOURCE_FILE = "source"
+MASKS_FILE = "masks.npz"
+NOTIFY_TIME_LIMIT = int(
+    settings.callback_max_attempts * (settings.callback_timeout_seconds + settings.callback_backoff_max_seconds)
+    + 60
+)
+
+
+def build_chain(job: JobMessage) -> Any:
+    """The four stages with deterministic task ids ({uuid}.{stage}) so logs and redeliveries line up."""
+    payload = {"uuid": job.uuid, "image_url": job.image_url}
+    return chain(
+        download.si(payload).set(task_id=f"{job.uuid}.download"),
+        segment.s().set(task_id=f"{job.uuid}.segment"),
+        persist.s().set(task_id=f"{job.uuid}.persist"),
+        notify.s().set(task_id=f"{job.uuid}.notify"),
+    ).on_error(on_job_error.s())
+
+
+@app.task(name="samseg.download", bind=True)
+def download(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+    uuid = job["uuid"]
+    jobs.set(uuid, JobState.RUNNING, Stage.DOWNLOAD)
+    work = store.work_dir(uuid)
+    work.mkdir(parents=True, exist_ok=True)
+    size = download_image(job["image_url"], work / SOURCE_FILE, settings)
+    info = probe_image(work / SOURCE_FILE, settings)
+    log.info("image_downloaded", bytes=size, width=info.width, height=info.height, format=info.format)
+    return {**job, "bytes": size}
+
+
+@app.task(
+    name="samseg.segment",
+    bind=True,
+    time_limit=settings.segment_time_limit_seconds,
+    soft_time_limit=max(5, settings.segment_time_limit_seconds - 30),
+)
+def segment(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+    uuid = job["uuid"]
+    jobs.set(uuid, JobState.RUNNING, Stage.SEGMENT)
+    work = store.work_dir(uuid)
+    image = load_rgb(work / SOURCE_FILE, settings)
+    height, width = image.shape[:2]
+    segmenter = get_segmenter(settings)
+    try:
+        result = segmenter.segment(image)
+    except (SoftTimeLimitExceeded, JobError):
+        raise
+    except Exception as exc:  # CUDA OOM, shape errors…: the job fails with the reason, the worker lives
+        raise JobError("model_error", f"mask generation failed: {type(exc).__name__}: {exc}") from exc
+    tmp = work / f".{MASKS_FILE}.tmp.npz"
+    np.savez(
+        tmp,
+        packed=pack_masks(result.masks),
+        predicted_iou=result.predicted_iou,
+        stability_score=result.stability_score,
+    )
+    tmp.replace(work / MASKS_FILE)
+    log.info(
+        "image_segmented",
+        masks=len(result.masks),
+        seconds=round(result.seconds, 2),
+        width=width,
+        height=height,
+        points_per_side=settings.amg_points_per_side,
+        device=segmenter.device,
+    )
+    return {**job, "width": width, "height": height, "mask_count": len(result.masks)}
+
+
+@app.task(name="samseg.persist", bind=True)
+def persist(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+    uuid = job["uuid"]
+    jobs.set(uuid, JobState.RUNNING, Stage.PERSIST)
+    work = store.work_dir(uuid)
+    with np.load(work / MASKS_FILE) as data:
+        masks = unpack_masks(data["packed"], job["width"])
+        ious = data["predicted_iou"].tolist()
+        stabilities = data["stability_score"].tolist()
+    started = time.perf_counter()
+    segments = describe_segments(uuid, masks, ious, stabilities)
+    body = CallbackBody(
+        uuid=uuid, status="completed", segments=segments, image_width=job["width"], image_height=job["height"]
+    )
+
+    def build(folder: Path) -> None:
+        write_mask_pngs(masks, folder / MASK_DIR)
+        write_json_atomic(folder / RESULT_FILE, body.model_dump(mode="json", exclude_none=True))
+
+    store.publish(uuid, build)
+    store.discard_work(uuid)
+    log.info("masks_persisted", masks=len(segments), seconds=round(time.perf_counter() - started, 3))
+    return {**job, "mask_count": len(segments)}
+
+
+def describe_segments(
+    uuid: str, masks: np.ndarray[Any, Any], ious: list[float], stabilities: list[float]
+) -> list[Segment]:
+    segments: list[Segment] = []
+    for index, mask in enumerate(masks):
+        geometry = mask_geometry(mask)
+        if geometry is None:  # empty masks were dropped in segment; never number a hole
+            raise JobError("internal_error", f"mask {index} is empty")
+        cx, cy = geometry.center
+        segments.append(
+            Segment(
+                segment_id=index,
+                mask_url=f"{settings.public_base_url}/assets/{uuid}/{MASK_DIR}/{mask_filename(index)}",
+                bbox=BBox(x=geometry.x, y=geometry.y, width=geometry.width, height=geometry.height),
+                area=geometry.area,
+                stability_score=round(float(stabilities[index]), 6),
+                predicted_iou=round(float(ious[index]), 6),
+                center_point=Point(x=cx, y=cy),
+            )
+        )
+    return segments
+
+
+@app.task(name="samseg.notify", bind=True, time_limit=NOTIFY_TIME_LIMIT, soft_time_limit=NOTIFY_TIME_LIMIT - 10)
+def notify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+    uuid = job["uuid"]
+    error = ErrorInfo.model_validate(job["error"]) if job.get("error") else None
+    current = jobs.get(uuid)
+    if error is None:
+        data = store.read_result(uuid)
+        if data is None:
+            error = ErrorInfo(code="result_missing", message="the job's result.json is gone (purged?)")
+    if error is not None:
+        body = CallbackBody(uuid=uuid, status="failed", segments=[], error=error)
+    else:
+        body = CallbackBody.model_validate(data)
+    jobs.set(uuid, JobState.RUNNING, Stage.NOTIFY, segments=body.segments or None, error=error)
+    delivery = send_callback(body, settings)
+    callback = CallbackStatus(
+        delivered=delivery.delivered, attempts=delivery.attempts, http_status=delivery.http_status, error=delivery.error
+    )
+    final_error = error
+    if not delivery.delivered and delivery.attempts > 0 and final_error is None:
+        final_error = ErrorInfo(code="callback_failed", message=f"the callback was not accepted: {delivery.error}")
+    state = JobState.FAILED if final_error else JobState.COMPLETED
+    jobs.set(uuid, state, None, segments=body.segments or None, error=final_error, callback=callback)
+    log.info("job_finished", status=state.value, callback_delivered=delivery.delivered, previous=current and current.status)
+    return {"uuid": uuid, "status": state.value, "callback_delivered": delivery.delivered}
+
+
+@app.task(name="samseg.on_job_error")
+def on_job_error(request: Any, exc: BaseException, traceback: Any) -> None:
+    """Errback of every link: record the failure and queue the `failed` callback (once per job)."""
+    args = getattr(request, "args", None) or [{}]
+    job = args[0] if isinstance(args[0], dict) else {}
+    uuid = job.get("uuid")
+    if not uuid:
+        log.error("job_error_without_uuid", task=getattr(request, "task", None), error=repr(exc))
+        return
+    error = error_info(exc)
+    log.error("job_failed", job_uuid=uuid, stage=getattr(request, "task", None), code=error.code, error=error.message)
+    store.discard_work(uuid)
+    if getattr(request, "task", None) == notify.name:
+        jobs.update(uuid, status=JobState.FAILED, stage=None, error=error)
+        return
+    jobs.set(uuid, JobState.FAILED, None, error=error)
+    notify.apply_async(({"uuid": uuid, "error": error.model_dump()},), task_id=f"{uuid}.notify")
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    if isinstance(exc, JobError):
+        return ErrorInfo(code=exc.code, message=exc.message)
+    if isinstance(exc, SoftTimeLimitExceeded | TimeLimitExceeded):
+        return ErrorInfo(code="timeout", message=f"the task ran past its time limit ({exc!r})")
+    return ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}")
+
+
+@app.task(name="samseg.purge")
+def purge() -> list[str]:
+    removed = store.purge(
+        settings.asset_ttl_seconds,
+        work_max_age_seconds=settings.asset_ttl_seconds + settings.visibility_timeout_seconds,
+    )
+    log.info("assets_purged", removed=len(removed), ttl_seconds=settings.asset_ttl_seconds)
+    return removed

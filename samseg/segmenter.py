@@ -1,0 +1,127 @@
+"""SAM-2 automatic mask generation, with the model loaded once per worker process.
+
+The model is built lazily in the process that uses it (never before Celery's prefork fork: torch's
+thread pools do not survive a fork and the child deadlocks), and cached for every later task.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from samseg.errors import JobError
+from samseg.models import build_model
+from samseg.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class MaskGenerator(Protocol):
+    def generate(self, image: npt.NDArray[np.uint8]) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class Segmentation:
+    """Masks sorted by area (largest first), empty masks dropped; arrays share one index."""
+
+    masks: npt.NDArray[np.bool_]  # (N, H, W)
+    predicted_iou: npt.NDArray[np.float32]
+    stability_score: npt.NDArray[np.float32]
+    seconds: float
+
+
+class Segmenter:
+    def __init__(self, settings: Settings) -> None:
+        import torch
+
+        self.settings = settings
+        self.device = settings.resolved_device()
+        started = time.perf_counter()
+        self.model = build_model(settings.sam2_model, settings.checkpoint_path, self.device)
+        self.torch = torch
+        self._lock = threading.Lock()
+        self._generators: dict[int, MaskGenerator] = {}
+        log.info(
+            "model_loaded",
+            model=settings.sam2_model,
+            checkpoint=str(settings.checkpoint_path),
+            device=self.device,
+            amg_impl=settings.amg_impl,
+            seconds=round(time.perf_counter() - started, 2),
+        )
+
+    def generator(self, points_per_batch: int) -> MaskGenerator:
+        if points_per_batch not in self._generators:
+            self._generators[points_per_batch] = self._make_generator(points_per_batch)
+        return self._generators[points_per_batch]
+
+    def _make_generator(self, points_per_batch: int) -> MaskGenerator:
+        s = self.settings
+        params: dict[str, Any] = {
+            "points_per_side": s.amg_points_per_side,
+            "points_per_batch": points_per_batch,
+            "pred_iou_thresh": s.amg_pred_iou_thresh,
+            "stability_score_thresh": s.amg_stability_score_thresh,
+            "box_nms_thresh": s.amg_box_nms_thresh,
+            "min_mask_region_area": s.amg_min_mask_region_area,
+        }
+        if s.amg_impl == "fast":
+            from samseg.amg import FastMaskGenerator
+
+            return FastMaskGenerator(
+                self.model, **params, int8=s.amg_int8, compile=s.amg_compile, half=s.amg_half, prune=s.amg_prune
+            )
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+        return SAM2AutomaticMaskGenerator(self.model, output_mode="binary_mask", **params)  # type: ignore[no-any-return]
+
+    def segment(self, image: npt.NDArray[np.uint8], points_per_batch: int | None = None) -> Segmentation:
+        generator = self.generator(points_per_batch or self.settings.amg_points_per_batch)
+        started = time.perf_counter()
+        with self._lock, self.torch.inference_mode():
+            records = generator.generate(image)
+        return to_segmentation(records, image.shape[:2], time.perf_counter() - started)
+
+
+def to_segmentation(records: list[dict[str, Any]], shape: tuple[int, ...], seconds: float) -> Segmentation:
+    kept = [r for r in records if int(np.count_nonzero(r["segmentation"])) > 0]
+    kept.sort(key=lambda r: int(np.count_nonzero(r["segmentation"])), reverse=True)
+    height, width = int(shape[0]), int(shape[1])
+    masks = (
+        np.stack([np.asarray(r["segmentation"], dtype=bool) for r in kept])
+        if kept
+        else np.zeros((0, height, width), dtype=bool)
+    )
+    return Segmentation(
+        masks=masks,
+        predicted_iou=np.array([float(r["predicted_iou"]) for r in kept], dtype=np.float32),
+        stability_score=np.array([float(r["stability_score"]) for r in kept], dtype=np.float32),
+        seconds=seconds,
+    )
+
+
+_instance: Segmenter | None = None
+_instance_pid: int | None = None
+_instance_lock = threading.Lock()
+
+
+def get_segmenter(settings: Settings) -> Segmenter:
+    """The process's model; built on first use and again only after a fork."""
+    global _instance, _instance_pid
+    with _instance_lock:
+        if _instance is None or _instance_pid != os.getpid():
+            try:
+                _instance = Segmenter(settings)
+            except JobError:
+                raise
+            except Exception as exc:
+                raise JobError("model_unavailable", f"the SAM-2 model could not be loaded: {exc}") from exc
+            _instance_pid = os.getpid()
+        return _instance

@@ -1,0 +1,118 @@
+"""Direct SQS access for what Celery does not do: the app server's jobs queue and its dead-letter queue.
+
+The jobs queue carries plain JSON (the app server is not a Celery client), so creating it, sending to it
+and dead-lettering from it go through boto3 here; Celery's own queues are kombu's business.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import structlog
+from botocore.config import Config
+
+from samseg.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs import SQSClient
+
+log = structlog.get_logger(__name__)
+
+
+def sqs_client(settings: Settings) -> SQSClient:
+    # Bounded retries and timeouts: the API must answer (503) rather than hang while SQS is down.
+    config = Config(
+        region_name=settings.aws_region,
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=30,
+    )
+    return boto3.client(
+        "sqs",
+        endpoint_url=settings.aws_endpoint_url_sqs,
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=settings.aws_secret_access_key,
+        config=config,
+    )
+
+
+@functools.cache
+def _cached_client(settings: Settings) -> SQSClient:
+    return sqs_client(settings)
+
+
+class JobQueues:
+    """The jobs queue and its DLQ, created on first use with the attributes samseg relies on."""
+
+    def __init__(self, settings: Settings, client: SQSClient | None = None) -> None:
+        self.settings = settings
+        self.client = client or sqs_client(settings)
+        self._urls: dict[str, str] = {}
+
+    def url(self, name: str) -> str:
+        if name not in self._urls:
+            self._urls[name] = self.client.get_queue_url(QueueName=name)["QueueUrl"]
+        return self._urls[name]
+
+    def ensure(self) -> dict[str, str]:
+        """Create (or update) the jobs queue, its DLQ with a redrive policy, and Celery's queues."""
+        s = self.settings
+        visibility = str(s.visibility_timeout_seconds)
+        dlq_url = self._create(s.dead_letter_queue, {"MessageRetentionPeriod": str(14 * 24 * 3600)})
+        dlq_arn = self.client.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
+            "Attributes"
+        ]["QueueArn"]
+        redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(s.jobs_max_receive_count)})
+        jobs_attrs = {"VisibilityTimeout": visibility, "RedrivePolicy": redrive, "ReceiveMessageWaitTimeSeconds": "10"}
+        jobs_url = self._create(s.jobs_queue, jobs_attrs)
+        urls = {s.jobs_queue: jobs_url, s.dead_letter_queue: dlq_url}
+        for name in (s.io_queue, s.gpu_queue):
+            urls[name] = self._create(name, {"VisibilityTimeout": visibility})
+        return urls
+
+    def _create(self, name: str, attributes: dict[str, str]) -> str:
+        try:
+            url = self.client.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]  # type: ignore[arg-type]
+        except self.client.exceptions.QueueNameExists:
+            # Exists with other attributes (e.g. a visibility timeout kombu chose): bring it in line.
+            url = self.client.get_queue_url(QueueName=name)["QueueUrl"]
+            self.client.set_queue_attributes(QueueUrl=url, Attributes=attributes)  # type: ignore[arg-type]
+        self._urls[name] = url
+        return url
+
+    def send_job(self, body: dict[str, Any]) -> str:
+        try:
+            url = self.url(self.settings.jobs_queue)
+        except self.client.exceptions.QueueDoesNotExist:
+            self.ensure()
+            url = self.url(self.settings.jobs_queue)
+        return self.client.send_message(QueueUrl=url, MessageBody=json.dumps(body))["MessageId"]
+
+    def dead_letter(self, raw_body: str, reason: str, message_id: str | None) -> None:
+        """Keep a message samseg cannot run, with the reason, for a human to look at."""
+        try:
+            url = self.url(self.settings.dead_letter_queue)
+        except self.client.exceptions.QueueDoesNotExist:
+            self.ensure()
+            url = self.url(self.settings.dead_letter_queue)
+        self.client.send_message(
+            QueueUrl=url,
+            MessageBody=raw_body or "<empty body>",
+            MessageAttributes={
+                "samseg_error": {"DataType": "String", "StringValue": reason[:1000]},
+                "samseg_source_message_id": {"DataType": "String", "StringValue": message_id or "unknown"},
+            },
+        )
+
+    def visibility_timeout(self, name: str) -> int:
+        attrs = self.client.get_queue_attributes(QueueUrl=self.url(name), AttributeNames=["VisibilityTimeout"])
+        return int(attrs["Attributes"]["VisibilityTimeout"])
+
+    def depth(self, name: str) -> int:
+        attrs = self.client.get_queue_attributes(
+            QueueUrl=self.url(name), AttributeNames=["ApproximateNumberOfMessages"]
+        )
+        return int(attrs["Attributes"]["ApproximateNumberOfMessages"])
