@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated
 
 import structlog
-from fastapi import FastAPI, HTTPException, Path as PathParam, Request
+from fastapi import FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from samseg.celery_app import app as celery_app

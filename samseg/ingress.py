@@ -110,7 +110,7 @@ class IngressHandler:
             unbind_job()
 
 
-class IngressStep(bootsteps.ConsumerStep):
+class IngressStep(bootsteps.ConsumerStep):  # type: ignore[misc]
     """Consumes the jobs queue in workers started without -Q, or with the jobs queue named in -Q."""
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:

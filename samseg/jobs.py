@@ -57,8 +57,9 @@ class JobStore:
 
     def update(self, uuid: str, **changes: Any) -> JobStatus:
         current = self.get(uuid)
-        base = current.model_dump() if current else {"uuid": uuid, "status": JobState.QUEUED}
-        base.update(changes, updated_at=time.time())
+        base: dict[str, Any] = current.model_dump() if current else {"uuid": uuid, "status": JobState.QUEUED}
+        base.update(changes)
+        base["updated_at"] = time.time()
         status = JobStatus.model_validate(base)
         self.put(status)
         return status

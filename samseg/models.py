@@ -29,9 +29,7 @@ def config_for(model_name: str) -> str:
     try:
         return MODEL_CONFIGS[model_name]
     except KeyError:
-        raise ModelLoadError(
-            f"unknown SAM-2 model {model_name!r}; choose one of {', '.join(MODEL_CONFIGS)}"
-        ) from None
+        raise ModelLoadError(f"unknown SAM-2 model {model_name!r}; choose one of {', '.join(MODEL_CONFIGS)}") from None
 
 
 def build_model(model_name: str, checkpoint: Path | None, device: str) -> torch.nn.Module:
@@ -45,9 +43,7 @@ def build_model(model_name: str, checkpoint: Path | None, device: str) -> torch.
             f"or place the file there by hand"
         )
     try:
-        model: torch.nn.Module = build_sam2(
-            config, str(checkpoint) if checkpoint else None, device=device, mode="eval"
-        )
+        model: torch.nn.Module = build_sam2(config, str(checkpoint) if checkpoint else None, device=device, mode="eval")
     except (RuntimeError, KeyError, OSError, EOFError) as exc:
         raise ModelLoadError(f"cannot load {checkpoint} as {model_name}: {exc!r}") from exc
     return model

@@ -49,9 +49,7 @@ def backoff_delay(attempt: int, settings: Settings, retry_after: str | None = No
     return random.uniform(0, min(cap, settings.callback_backoff_seconds * 2**attempt))
 
 
-def send_callback(
-    body: CallbackBody, settings: Settings, *, sleep: Callable[[float], None] = time.sleep
-) -> Delivery:
+def send_callback(body: CallbackBody, settings: Settings, *, sleep: Callable[[float], None] = time.sleep) -> Delivery:
     url = callback_url(settings, body.uuid)
     if url is None:
         log.info("callback_skipped", reason="SAMSEG_APP_SERVER_URL is not set", status=body.status)

@@ -9,35 +9,25 @@ exactly one callback.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import structlog
-from billiard.exceptions import TimeLimitExceeded  # type: ignore[import-untyped]
+from billiard.exceptions import TimeLimitExceeded
 from celery import Task, chain
 from celery.exceptions import SoftTimeLimitExceeded
 
 from samseg.celery_app import app
-from samseg.contracts import (
-    BBox,
-    CallbackBody,
-    CallbackStatus,
-    ErrorInfo,
-    JobMessage,
-    JobState,
-    Point,
-    Segment,
-    Stage,
-)
+from samseg.contracts import CallbackBody, CallbackStatus, ErrorInfo, JobMessage, JobState, Stage
 from samseg.errors import JobError
 from samseg.fetch import download_image, load_rgb, probe_image
 from samseg.jobs import JobStore
-from samseg.masks import mask_filename, mask_geometry, pack_masks, unpack_masks, write_mask_pngs
+from samseg.masks import pack_masks, unpack_masks
 from samseg.notify import send_callback
+from samseg.results import describe_segments, mask_url, write_job_folder
 from samseg.segmenter import get_segmenter
 from samseg.settings import get_settings
-from samseg.storage import MASK_DIR, RESULT_FILE, AssetStore, write_json_atomic
+from samseg.storage import AssetStore
 
 log = structlog.get_logger(__name__)
 
@@ -48,8 +38,7 @@ jobs = JobStore(app)
 SOURCE_FILE = "source"
 MASKS_FILE = "masks.npz"
 NOTIFY_TIME_LIMIT = int(
-    settings.callback_max_attempts * (settings.callback_timeout_seconds + settings.callback_backoff_max_seconds)
-    + 60
+    settings.callback_max_attempts * (settings.callback_timeout_seconds + settings.callback_backoff_max_seconds) + 60
 )
 
 
@@ -64,7 +53,7 @@ def build_chain(job: JobMessage) -> Any:
     ).on_error(on_job_error.s())
 
 
-@app.task(name="samseg.download", bind=True)
+@app.task(name="samseg.download", bind=True, throws=(JobError,))
 def download(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
     jobs.set(uuid, JobState.RUNNING, Stage.DOWNLOAD)
@@ -79,6 +68,7 @@ def download(self: Task, job: dict[str, Any]) -> dict[str, Any]:
 @app.task(
     name="samseg.segment",
     bind=True,
+    throws=(JobError,),
     time_limit=settings.segment_time_limit_seconds,
     soft_time_limit=max(5, settings.segment_time_limit_seconds - 30),
 )
@@ -115,7 +105,7 @@ def segment(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     return {**job, "width": width, "height": height, "mask_count": len(result.masks)}
 
 
-@app.task(name="samseg.persist", bind=True)
+@app.task(name="samseg.persist", bind=True, throws=(JobError,))
 def persist(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
     jobs.set(uuid, JobState.RUNNING, Stage.PERSIST)
@@ -125,49 +115,21 @@ def persist(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         ious = data["predicted_iou"].tolist()
         stabilities = data["stability_score"].tolist()
     started = time.perf_counter()
-    segments = describe_segments(uuid, masks, ious, stabilities)
+    segments = describe_segments(masks, ious, stabilities, lambda i: mask_url(settings.public_base_url, uuid, i))
     body = CallbackBody(
         uuid=uuid, status="completed", segments=segments, image_width=job["width"], image_height=job["height"]
     )
 
-    def build(folder: Path) -> None:
-        write_mask_pngs(masks, folder / MASK_DIR)
-        write_json_atomic(folder / RESULT_FILE, body.model_dump(mode="json", exclude_none=True))
-
-    store.publish(uuid, build)
+    store.publish(uuid, lambda folder: write_job_folder(folder, masks, body))
     store.discard_work(uuid)
     log.info("masks_persisted", masks=len(segments), seconds=round(time.perf_counter() - started, 3))
     return {**job, "mask_count": len(segments)}
-
-
-def describe_segments(
-    uuid: str, masks: np.ndarray[Any, Any], ious: list[float], stabilities: list[float]
-) -> list[Segment]:
-    segments: list[Segment] = []
-    for index, mask in enumerate(masks):
-        geometry = mask_geometry(mask)
-        if geometry is None:  # empty masks were dropped in segment; never number a hole
-            raise JobError("internal_error", f"mask {index} is empty")
-        cx, cy = geometry.center
-        segments.append(
-            Segment(
-                segment_id=index,
-                mask_url=f"{settings.public_base_url}/assets/{uuid}/{MASK_DIR}/{mask_filename(index)}",
-                bbox=BBox(x=geometry.x, y=geometry.y, width=geometry.width, height=geometry.height),
-                area=geometry.area,
-                stability_score=round(float(stabilities[index]), 6),
-                predicted_iou=round(float(ious[index]), 6),
-                center_point=Point(x=cx, y=cy),
-            )
-        )
-    return segments
 
 
 @app.task(name="samseg.notify", bind=True, time_limit=NOTIFY_TIME_LIMIT, soft_time_limit=NOTIFY_TIME_LIMIT - 10)
 def notify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
     error = ErrorInfo.model_validate(job["error"]) if job.get("error") else None
-    current = jobs.get(uuid)
     if error is None:
         data = store.read_result(uuid)
         if data is None:
@@ -186,7 +148,7 @@ def notify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         final_error = ErrorInfo(code="callback_failed", message=f"the callback was not accepted: {delivery.error}")
     state = JobState.FAILED if final_error else JobState.COMPLETED
     jobs.set(uuid, state, None, segments=body.segments or None, error=final_error, callback=callback)
-    log.info("job_finished", status=state.value, callback_delivered=delivery.delivered, previous=current and current.status)
+    log.info("job_finished", status=state.value, callback_delivered=delivery.delivered)
     return {"uuid": uuid, "status": state.value, "callback_delivered": delivery.delivered}
 
 

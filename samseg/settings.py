@@ -18,9 +18,7 @@ AmgImpl = Literal["upstream", "fast"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="SAMSEG_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="SAMSEG_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     # --- AWS / SQS -------------------------------------------------------------------------------------
     aws_region: str = Field("us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))

@@ -6,7 +6,6 @@ and dead-lettering from it go through boto3 here; Celery's own queues are kombu'
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +38,6 @@ def sqs_client(settings: Settings) -> SQSClient:
     )
 
 
-@functools.cache
-def _cached_client(settings: Settings) -> SQSClient:
-    return sqs_client(settings)
-
-
 class JobQueues:
     """The jobs queue and its DLQ, created on first use with the attributes samseg relies on."""
 
@@ -62,9 +56,9 @@ class JobQueues:
         s = self.settings
         visibility = str(s.visibility_timeout_seconds)
         dlq_url = self._create(s.dead_letter_queue, {"MessageRetentionPeriod": str(14 * 24 * 3600)})
-        dlq_arn = self.client.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
-            "Attributes"
-        ]["QueueArn"]
+        dlq_arn = self.client.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
         redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(s.jobs_max_receive_count)})
         jobs_attrs = {"VisibilityTimeout": visibility, "RedrivePolicy": redrive, "ReceiveMessageWaitTimeSeconds": "10"}
         jobs_url = self._create(s.jobs_queue, jobs_attrs)

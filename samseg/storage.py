@@ -105,10 +105,11 @@ class AssetStore:
         if not self.root.is_dir():
             return removed
         for entry in os.scandir(self.root):
-            if UUID_PATTERN.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
-                if now - entry.stat(follow_symlinks=False).st_mtime > max_age_seconds:
-                    _remove(Path(entry.path))
-                    removed.append(entry.name)
+            if not (UUID_PATTERN.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
+                continue
+            if now - entry.stat(follow_symlinks=False).st_mtime > max_age_seconds:
+                _remove(Path(entry.path))
+                removed.append(entry.name)
         # Work and staging folders of jobs in flight are young; only abandoned ones get this old.
         for folder in (self.work_root, self.staging_root, self.trash_root):
             if not folder.is_dir():

@@ -98,17 +98,22 @@ class Stack:
     def start_worker(self, *extra: str, name: str = "worker", ready_timeout: float = 90) -> Proc:
         proc = self.start(
             name,
-            str(VENV_BIN / "celery"), "-A", "samseg", "worker", "--loglevel", "INFO",
-            "--hostname", f"{name}@%h", *extra,
+            str(VENV_BIN / "celery"),
+            "-A",
+            "samseg",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--hostname",
+            f"{name}@%h",
+            *extra,
         )
         proc.wait_for_output("worker_ready", ready_timeout)
         return proc
 
     def start_api(self) -> str:
         port = free_port()
-        self.start(
-            "api", sys.executable, "-m", "uvicorn", "samseg.api:app", "--host", "127.0.0.1", "--port", str(port)
-        )
+        self.start("api", sys.executable, "-m", "uvicorn", "samseg.api:app", "--host", "127.0.0.1", "--port", str(port))
         self.api_url = f"http://127.0.0.1:{port}"
         self.env["SAMSEG_PUBLIC_BASE_URL"] = self.api_url
         wait_http(self.api_url + "/healthz", 60)

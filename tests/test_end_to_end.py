@@ -52,8 +52,10 @@ def test_job_completes_with_masks_that_match_the_callback(make_stack, http_serve
         ys, xs = np.nonzero(mask)
         bbox = seg["bbox"]
         assert bbox == {
-            "x": int(xs.min()), "y": int(ys.min()),
-            "width": int(xs.max() - xs.min() + 1), "height": int(ys.max() - ys.min() + 1),
+            "x": int(xs.min()),
+            "y": int(ys.min()),
+            "width": int(xs.max() - xs.min() + 1),
+            "height": int(ys.max() - ys.min() + 1),
         }
         assert seg["area"] == int(mask.sum())
         assert seg["center_point"] == {"x": bbox["x"] + bbox["width"] // 2, "y": bbox["y"] + bbox["height"] // 2}

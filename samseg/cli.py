@@ -1,0 +1,358 @@
+"""The `samseg` command: run the local stack, submit jobs, segment one image, manage weights and queues."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from samseg.settings import Settings, get_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="samseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run SQS (moto, unless configured), a worker, beat and the API on this machine")
+    up.add_argument("--host", default="127.0.0.1", help="API bind address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    up.add_argument("--aws", action="store_true", help="use real AWS SQS (credentials from the usual chain)")
+    up.set_defaults(func=cmd_up)
+
+    submit = sub.add_parser("submit", help="put a job on the jobs queue, as the app server would")
+    submit.add_argument("--uuid", required=True)
+    submit.add_argument("--image-url", required=True)
+    submit.set_defaults(func=cmd_submit)
+
+    segment = sub.add_parser("segment", help="segment one image (file or URL) without a queue")
+    segment.add_argument("image", help="path or http(s) URL of the image")
+    segment.add_argument("--out", required=True, type=Path, help="folder for mask_images/ and result.json")
+    segment.add_argument("--uuid", default="local", help="job id written into result.json (default: local)")
+    segment.set_defaults(func=cmd_segment)
+
+    weights = sub.add_parser("weights", help="SAM-2 checkpoints")
+    wsub = weights.add_subparsers(dest="weights_command", required=True)
+    wdl = wsub.add_parser("download", help="download a checkpoint from Meta (SHA-256 verified)")
+    wdl.add_argument("model", nargs="?", help="model name (default: SAMSEG_SAM2_MODEL)")
+    wdl.add_argument("--dest", type=Path, help="where to write it (default: SAMSEG_SAM2_CHECKPOINT)")
+    wdl.set_defaults(func=cmd_weights_download)
+    wens = wsub.add_parser("ensure", help="download the configured checkpoint if it is missing (file-locked)")
+    wens.set_defaults(func=cmd_weights_ensure)
+
+    queues = sub.add_parser("queues", help="SQS queues")
+    qsub = queues.add_subparsers(dest="queues_command", required=True)
+    qens = qsub.add_parser("ensure", help="create the jobs queue, its dead-letter queue and Celery's queues")
+    qens.set_defaults(func=cmd_queues_ensure)
+
+    status = sub.add_parser("status", help="print a job's status as JSON")
+    status.add_argument("uuid")
+    status.set_defaults(func=cmd_status)
+
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    from samseg.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
+    result: int = args.func(args, settings)
+    return result
+
+
+# --- submit / status / queues ------------------------------------------------------------------------------
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from samseg.contracts import JobMessage
+    from samseg.sqs import JobQueues
+
+    job = JobMessage(uuid=args.uuid, image_url=args.image_url)
+    message_id = JobQueues(settings).send_job(job.model_dump())
+    print(f"queued {job.uuid} on {settings.jobs_queue} (message {message_id})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from samseg.celery_app import app
+    from samseg.jobs import JobStore
+
+    status = JobStore(app).get(args.uuid)
+    if status is None:
+        print(f"unknown job {args.uuid}", file=sys.stderr)
+        return 1
+    print(status.model_dump_json(indent=2, exclude_none=True))
+    return 0
+
+
+def cmd_queues_ensure(args: argparse.Namespace, settings: Settings) -> int:
+    from samseg.sqs import JobQueues
+
+    for name, url in JobQueues(settings).ensure().items():
+        print(f"{name}\t{url}")
+    return 0
+
+
+# --- weights -------------------------------------------------------------------------------------------------
+def cmd_weights_download(args: argparse.Namespace, settings: Settings) -> int:
+    from samseg.weights import WeightsError, download_checkpoint
+
+    model = args.model or settings.sam2_model
+    dest = args.dest or (settings.checkpoint_path if model == settings.sam2_model else Path("weights") / f"{model}.pt")
+    try:
+        path = download_checkpoint(model, dest, base_url=settings.weights_base_url, progress=sys.stderr.isatty())
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{model}: {path}")
+    return 0
+
+
+def cmd_weights_ensure(args: argparse.Namespace, settings: Settings) -> int:
+    from samseg.weights import WeightsError, ensure_checkpoint
+
+    try:
+        path = ensure_checkpoint(
+            settings.sam2_model,
+            settings.checkpoint_path,
+            base_url=settings.weights_base_url,
+            progress=sys.stderr.isatty(),
+        )
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{settings.sam2_model}: {path}")
+    return 0
+
+
+# --- segment -------------------------------------------------------------------------------------------------
+def cmd_segment(args: argparse.Namespace, settings: Settings) -> int:
+    import tempfile
+
+    from samseg.contracts import CallbackBody, JobMessage
+    from samseg.errors import JobError
+    from samseg.fetch import download_image, load_rgb
+    from samseg.results import describe_segments, write_job_folder
+    from samseg.segmenter import Segmenter
+
+    JobMessage(uuid=args.uuid, image_url="x")  # validates the id used in result.json
+    out: Path = args.out
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            source = Path(args.image)
+            if urlsplit(args.image).scheme in {"http", "https"}:
+                source = Path(tmp) / "source"
+                download_image(args.image, source, settings)
+            elif not source.is_file():
+                raise JobError("image_not_found", f"{source} is not a file")
+            image = load_rgb(source, settings)
+            result = Segmenter(settings).segment(image)
+    except JobError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    folder = out.resolve()
+    segments = describe_segments(
+        result.masks,
+        result.predicted_iou.tolist(),
+        result.stability_score.tolist(),
+        lambda i: (folder / "mask_images" / f"mask_{i:03d}.png").as_uri(),
+    )
+    height, width = image.shape[:2]
+    body = CallbackBody(uuid=args.uuid, status="completed", segments=segments, image_width=width, image_height=height)
+    write_job_folder(folder, result.masks, body)
+    print(f"{len(segments)} masks in {result.seconds:.1f} s → {folder}")
+    return 0
+
+
+# --- up ------------------------------------------------------------------------------------------------------
+# Measured on a 2-core x86_64 machine with sam2.1_hiera_tiny and upstream's generator (see README,
+# "Performance"): ~3 s for the image encoder plus ~0.1 s per grid point in the mask decoder.
+CPU_ENCODER_SECONDS = 3.0
+CPU_DECODER_SECONDS_PER_POINT = 0.1
+CPU_DEFAULT_POINTS_PER_SIDE = 16
+
+
+def estimate_cpu_seconds(points_per_side: int, cores: int) -> float:
+    scale = 2 / max(1, cores)
+    return (CPU_ENCODER_SECONDS + CPU_DECODER_SECONDS_PER_POINT * points_per_side**2) * scale
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+class Supervisor:
+    """Starts children in their own process groups and stops them all, in reverse order, on exit."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, env=self.env, start_new_session=True)
+        self.children.append((name, proc))
+        return proc
+
+    def exited(self) -> tuple[str, int] | None:
+        for name, proc in self.children:
+            code = proc.poll()
+            if code is not None:
+                return name, code
+        return None
+
+    def stop(self, timeout: float = 30) -> None:
+        for _, proc in reversed(self.children):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, proc in reversed(self.children):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    env = dict(os.environ)
+    overrides: dict[str, str] = {}
+    if not settings.aws_endpoint_url_sqs and not args.aws:
+        moto_port = _free_port()
+        overrides |= {
+            "AWS_ENDPOINT_URL_SQS": f"http://127.0.0.1:{moto_port}",
+            "AWS_ACCESS_KEY_ID": settings.aws_access_key_id or "samseg-local",
+            "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key or "samseg-local",
+        }
+    if "SAMSEG_PUBLIC_BASE_URL" not in os.environ:
+        shown_host = "localhost" if args.host in {"0.0.0.0", "127.0.0.1", "::"} else args.host
+        overrides["SAMSEG_PUBLIC_BASE_URL"] = f"http://{shown_host}:{args.port}"
+    device = settings.resolved_device()
+    if (
+        device == "cpu"
+        and "SAMSEG_AMG_POINTS_PER_SIDE" not in os.environ
+        and not _in_dotenv("SAMSEG_AMG_POINTS_PER_SIDE")
+    ):
+        # Upstream's 32x32 grid costs ~2 minutes per image on 2 cores; 16x16 keeps a job under a minute.
+        overrides["SAMSEG_AMG_POINTS_PER_SIDE"] = str(CPU_DEFAULT_POINTS_PER_SIDE)
+    env |= overrides
+    os.environ |= overrides
+    get_settings.cache_clear()
+    settings = get_settings()
+
+    from samseg.weights import WeightsError, ensure_checkpoint
+
+    try:
+        ensure_checkpoint(settings.sam2_model, settings.checkpoint_path, base_url=settings.weights_base_url)
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    supervisor = Supervisor(env)
+    stopping = False
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        if "AWS_ENDPOINT_URL_SQS" in overrides:
+            endpoint = urlsplit(overrides["AWS_ENDPOINT_URL_SQS"])
+            assert endpoint.port is not None
+            supervisor.start("sqs", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(endpoint.port)])
+            if not _wait_port("127.0.0.1", endpoint.port, 30):
+                print("error: the local SQS endpoint (moto) did not start", file=sys.stderr)
+                return 1
+        from samseg.sqs import JobQueues
+
+        JobQueues(settings).ensure()
+        celery = [sys.executable, "-m", "celery", "-A", "samseg"]
+        supervisor.start(
+            "worker-io",
+            [
+                *celery,
+                "worker",
+                "-Q",
+                f"{settings.jobs_queue},{settings.io_queue}",
+                "--concurrency",
+                "4",
+                "--pool",
+                "threads",
+                "--hostname",
+                "io@%h",
+            ],
+        )
+        supervisor.start(
+            "worker-gpu" if device.startswith("cuda") else "worker-segment",
+            [*celery, "worker", "-Q", settings.gpu_queue, "--concurrency", "1", "--hostname", "segment@%h"],
+        )
+        supervisor.start("beat", [*celery, "beat"])
+        supervisor.start(
+            "api",
+            [sys.executable, "-m", "uvicorn", "samseg.api:app", "--host", args.host, "--port", str(args.port)],
+        )
+        _print_banner(settings, device, args)
+        while not stopping:
+            dead = supervisor.exited()
+            if dead:
+                print(f"error: {dead[0]} exited with status {dead[1]}; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        print("stopping…", file=sys.stderr)
+        return 0
+    finally:
+        supervisor.stop()
+
+
+def _in_dotenv(name: str) -> bool:
+    path = Path(".env")
+    return path.is_file() and any(line.split("=", 1)[0].strip() == name for line in path.read_text().splitlines())
+
+
+def _print_banner(settings: Settings, device: str, args: argparse.Namespace) -> None:
+    api = settings.public_base_url
+    n = settings.amg_points_per_side
+    lines = [
+        "",
+        f"samseg is up: API {api}  (docs {api}/docs)",
+        f"  SQS endpoint: {settings.aws_endpoint_url_sqs or 'AWS (' + settings.aws_region + ')'}"
+        f"   jobs queue: {settings.jobs_queue}",
+        f"  model: {settings.sam2_model} on {device}, {n}x{n} points, generator: {settings.amg_impl}",
+    ]
+    if device == "cpu":
+        seconds = estimate_cpu_seconds(n, os.cpu_count() or 1)
+        lines.append(
+            f"  CPU only: expect roughly {seconds:.0f} s per image on {os.cpu_count()} cores "
+            f"(tiny model, upstream generator); SAMSEG_AMG_POINTS_PER_SIDE=32 is SAM-2's default and ~4x slower."
+        )
+    example = json.dumps({"uuid": "demo-1", "image_url": "https://example.com/photo.jpg"})
+    lines += [
+        "  submit a job:",
+        "    samseg submit --uuid demo-1 --image-url https://example.com/photo.jpg",
+        f"    curl -X POST {api}/jobs -H 'Content-Type: application/json' -d '{example}'",
+        f"  follow it:   curl {api}/jobs/demo-1",
+        "  Ctrl-C stops everything.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
