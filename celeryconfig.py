@@ -24,6 +24,9 @@ broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # keep retrying while SQS is unreachable
 
 result_backend = _s.result_backend_url
+if not _s.result_backend:
+    # The embedded default is a SQLite file in the assets volume; every process may be the first to open it.
+    _s.state_dir.mkdir(parents=True, exist_ok=True)
 result_extended = False
 result_expires = 7 * 24 * 3600  # job status outlives the assets (SAMSEG_ASSET_TTL_SECONDS) by design
 task_ignore_result = True  # chain results travel with the messages; job status has its own record

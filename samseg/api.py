@@ -73,7 +73,11 @@ def job_status(uuid: JobIdParam) -> JobStatus:
     """queued → running (with the current stage) → completed (with segments) or failed (with the error)."""
     if not UUID_PATTERN.fullmatch(uuid):
         raise HTTPException(404, detail="unknown job")
-    status = jobs.get(uuid)
+    try:
+        status = jobs.get(uuid)
+    except Exception as exc:
+        log.error("job_store_unavailable", error=repr(exc))
+        raise HTTPException(503, detail="job status store unavailable; try again") from exc
     if status is None:
         raise HTTPException(404, detail="unknown job")
     return status

@@ -112,20 +112,30 @@ def cmd_weights_download(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_weights_ensure(args: argparse.Namespace, settings: Settings) -> int:
-    from samseg.weights import WeightsError, ensure_checkpoint
-
-    try:
-        path = ensure_checkpoint(
-            settings.sam2_model,
-            settings.checkpoint_path,
-            base_url=settings.weights_base_url,
-            progress=sys.stderr.isatty(),
-        )
-    except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    path = ensure_weights(settings)
+    if path is None:
         return 1
     print(f"{settings.sam2_model}: {path}")
     return 0
+
+
+def ensure_weights(settings: Settings) -> Path | None:
+    """The configured checkpoint, downloaded if it is Meta's and missing; None (after saying why) if not."""
+    from samseg.weights import WeightsError, ensure_checkpoint
+
+    if settings.sam2_checkpoint is not None:
+        # A checkpoint path set by hand may be a fine-tuned model: use it as is, never replace it.
+        if settings.sam2_checkpoint.is_file():
+            return settings.sam2_checkpoint
+        print(f"error: SAMSEG_SAM2_CHECKPOINT={settings.sam2_checkpoint} does not exist", file=sys.stderr)
+        return None
+    try:
+        return ensure_checkpoint(
+            settings.sam2_model, settings.checkpoint_path, base_url=settings.weights_base_url, progress=sys.stderr.isatty()
+        )
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 # --- segment -------------------------------------------------------------------------------------------------
@@ -207,6 +217,7 @@ class Supervisor:
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(argv, env=self.env, start_new_session=True)
         self.children.append((name, proc))
+        print(f"started {name} (pid {proc.pid})", flush=True)
         return proc
 
     def exited(self) -> tuple[str, int] | None:
@@ -255,12 +266,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     get_settings.cache_clear()
     settings = get_settings()
 
-    from samseg.weights import WeightsError, ensure_checkpoint
-
-    try:
-        ensure_checkpoint(settings.sam2_model, settings.checkpoint_path, base_url=settings.weights_base_url)
-    except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if ensure_weights(settings) is None:
         return 1
 
     supervisor = Supervisor(env)

@@ -34,7 +34,7 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[*shared, _celery_task_fields],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info if render_json else _identity,
@@ -52,6 +52,21 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     _configured = True
+
+
+def _celery_task_fields(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Celery's own "Task x[id] received/succeeded" lines carry name and id in `extra["data"]`: lift them out.
+
+    samseg's task ids are `{uuid}.{stage}`, so the job uuid is recoverable even in the worker's main
+    process, where no task context is bound.
+    """
+    record = event.get("_record")
+    args = getattr(record, "data", None)
+    if isinstance(args, dict) and isinstance(args.get("id"), str) and isinstance(args.get("name"), str):
+        event.setdefault("task", args["name"])
+        if event.get("job_uuid") is None and "." in args["id"]:
+            event["job_uuid"] = args["id"].rsplit(".", 1)[0]
+    return event
 
 
 def _identity(_: Any, __: str, event: Any) -> Any:

@@ -29,7 +29,7 @@ def test_job_completes_with_masks_that_match_the_callback(make_stack, http_serve
     http_server.routes["/img/scene.png"] = Route(body=scene_png(width, height), headers={"Content-Type": "image/png"})
     stack = make_stack(SAMSEG_APP_SERVER_URL=app_server.url, SAMSEG_APP_SERVER_TOKEN="s3cret")
     api = stack.start_api()
-    stack.start_worker()
+    worker = stack.start_worker()
 
     uuid = "e2e-ok-1"
     stack.send_raw(json.dumps({"uuid": uuid, "image_url": f"{http_server.url}/img/scene.png"}))
@@ -70,6 +70,14 @@ def test_job_completes_with_masks_that_match_the_callback(make_stack, http_serve
     assert status["callback"]["delivered"] is True
     # Exactly one callback for the job.
     assert len([r for r in app_server.requests if r.path == CALLBACK_PREFIX + uuid]) == 1
+
+    # Structured logs: every JSON line about this job names the job and the task that wrote it.
+    lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
+    about_job = [line for line in lines if uuid in json.dumps(line)]
+    tasks_seen = {line.get("task") for line in about_job}
+    assert {"ingress", "samseg.download", "samseg.segment", "samseg.persist", "samseg.notify"} <= tasks_seen
+    for line in about_job:
+        assert line.get("job_uuid") == uuid and line.get("task"), line
 
 
 def test_image_404_gives_failed_callback(make_stack, http_server, app_server):
