@@ -131,7 +131,10 @@ def ensure_weights(settings: Settings) -> Path | None:
         return None
     try:
         return ensure_checkpoint(
-            settings.sam2_model, settings.checkpoint_path, base_url=settings.weights_base_url, progress=sys.stderr.isatty()
+            settings.sam2_model,
+            settings.checkpoint_path,
+            base_url=settings.weights_base_url,
+            progress=sys.stderr.isatty(),
         )
     except WeightsError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -101,6 +101,7 @@ class JobStatus(BaseModel):
     status: JobState
     stage: Stage | None = None
     updated_at: float
+    run_id: str | None = None
     segments: list[Segment] | None = None
     error: ErrorInfo | None = None
     callback: CallbackStatus | None = None

@@ -11,10 +11,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import httpcore
 import httpx
 import numpy as np
 import numpy.typing as npt
@@ -43,29 +46,85 @@ def check_url(url: str, settings: Settings) -> None:
         raise JobError("image_url_invalid", "image URL has no host")
     if parts.username or parts.password:
         raise JobError("image_url_invalid", "image URL must not carry credentials")
-    if settings.allow_private_networks or parts.hostname in settings.allowed_image_hosts:
-        return
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, ValueError) as exc:
-        raise JobError("image_host_unresolvable", f"cannot resolve {parts.hostname!r}: {exc}") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global or address.is_multicast:
+    except ValueError as exc:
+        raise JobError("image_url_invalid", f"image URL has an invalid port: {exc}") from exc
+    resolve_public(parts.hostname, port, settings)
+
+
+def resolve_public(host: str, port: int, settings: Settings) -> list[str]:
+    """Every address `host` resolves to, refusing the lot if any is not public (unless allowed)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        raise JobError("image_host_unresolvable", f"cannot resolve {host!r}: {exc}") from exc
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if settings.allow_private_networks or host.lower() in settings.allowed_image_hosts:
+        return addresses
+    for text in addresses:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+        if not address.is_global or address.is_multicast or (mapped is not None and not mapped.is_global):
             raise JobError(
                 "image_url_forbidden",
-                f"{parts.hostname!r} resolves to {address}, a non-public address; "
+                f"{host!r} resolves to {address}, a non-public address; "
                 "set SAMSEG_ALLOW_PRIVATE_NETWORKS=true or SAMSEG_ALLOWED_IMAGE_HOSTS to allow it",
             )
+    return addresses
+
+
+class _GuardedBackend(httpcore.SyncBackend):
+    """Resolves and checks the host at connect time and connects to the checked address.
+
+    Checking the URL first and letting the HTTP client resolve again would leave a DNS-rebinding window
+    (a name that answers a public address to the check and 169.254.169.254 to the connect).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            addresses = resolve_public(host, port, self.settings)
+        except JobError as exc:
+            raise _Refused(exc) from None
+        error: Exception | None = None
+        for address in addresses:
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        raise error or httpcore.ConnectError(f"no address for {host}")
+
+
+class _Refused(httpcore.ConnectError):
+    def __init__(self, error: JobError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _client(settings: Settings) -> httpx.Client:
+    timeout = httpx.Timeout(settings.download_timeout_seconds, connect=min(10.0, settings.download_timeout_seconds))
+    transport = httpx.HTTPTransport(retries=0)
+    transport._pool._network_backend = _GuardedBackend(settings)  # httpx exposes no public hook for this
+    return httpx.Client(
+        transport=transport, timeout=timeout, follow_redirects=False, headers={"User-Agent": USER_AGENT}
+    )
 
 
 def download_image(url: str, dest: Path, settings: Settings) -> int:
     """Stream `url` to `dest` (≤ SAMSEG_MAX_IMAGE_BYTES, ≤ SAMSEG_DOWNLOAD_TIMEOUT_SECONDS in all)."""
     deadline = time.monotonic() + settings.download_timeout_seconds
-    timeout = httpx.Timeout(settings.download_timeout_seconds, connect=min(10.0, settings.download_timeout_seconds))
     tmp = dest.with_name(dest.name + ".part")
-    with httpx.Client(timeout=timeout, follow_redirects=False, headers={"User-Agent": USER_AGENT}) as client:
+    with _client(settings) as client:
         for _hop in range(MAX_REDIRECTS + 1):
             check_url(url, settings)
             try:
@@ -95,6 +154,11 @@ def download_image(url: str, dest: Path, settings: Settings) -> int:
                     return size
             except httpx.TimeoutException as exc:
                 raise JobError("image_download_timeout", _timed_out(settings)) from exc
+            except httpx.ConnectError as exc:
+                refused = exc.__context__ if isinstance(exc.__context__, _Refused) else None
+                if refused is not None:
+                    raise refused.error from None
+                raise JobError("image_download_failed", f"cannot connect to the image host: {exc}") from exc
             except httpx.HTTPError as exc:
                 raise JobError("image_download_failed", f"cannot download the image: {exc!r}") from exc
             finally:

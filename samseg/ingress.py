@@ -21,9 +21,11 @@ from kombu.message import Message
 from pydantic import ValidationError
 
 from samseg.contracts import UUID_PATTERN, ErrorInfo, JobMessage, JobState
+from samseg.idempotency import Claims, Decision
 from samseg.logs import bind_job, unbind_job
 from samseg.settings import Settings, get_settings
 from samseg.sqs import JobQueues
+from samseg.storage import AssetStore
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +68,10 @@ class IngressHandler:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._queues: JobQueues | None = None
+        self.claims = Claims(
+            AssetStore(settings.assets_dir).claims_root,
+            stale_after_seconds=settings.visibility_timeout_seconds + settings.segment_time_limit_seconds,
+        )
 
     @property
     def queues(self) -> JobQueues:
@@ -74,38 +80,54 @@ class IngressHandler:
         return self._queues
 
     def __call__(self, body: Any, message: Message) -> None:
-        from samseg.pipeline import build_chain, jobs, notify
-
         raw = raw_body(body, message)
         message_id = ((message.delivery_info or {}).get("sqs_message") or {}).get("MessageId")
         try:
             job = parse_job(raw)
         except InvalidJob as bad:
-            bind_job(bad.uuid, "ingress")
-            log.error("ingress_rejected", reason=bad.reason, message_id=message_id, body=raw[:300])
-            try:
-                self.queues.dead_letter(raw, bad.reason, message_id)
-                if bad.uuid:
-                    error = ErrorInfo(code="invalid_job", message=bad.reason)
-                    jobs.set(bad.uuid, JobState.FAILED, None, error=error)
-                    notify.apply_async(({"uuid": bad.uuid, "error": error.model_dump()},), task_id=f"{bad.uuid}.notify")
-            except Exception as exc:  # SQS down: keep the message, it comes back after a backoff
-                log.warning("ingress_dead_letter_failed", error=repr(exc))
-                message.requeue()
-                return
-            message.ack()
-            unbind_job()
+            self._reject(bad, raw, message_id, message)
             return
         bind_job(job.uuid, "ingress")
         try:
-            jobs.set(job.uuid, JobState.QUEUED)
-            build_chain(job).apply_async()
-        except Exception as exc:
+            self._accept(job, message_id, message)
+        except Exception as exc:  # SQS or the job store unreachable: keep the message, it comes back
             log.warning("ingress_publish_failed", error=repr(exc))
-            message.requeue()  # becomes visible again after the long-poll interval
+            message.requeue()
+        finally:
+            unbind_job()
+
+    def _accept(self, job: JobMessage, message_id: str | None, message: Message) -> None:
+        from samseg.pipeline import build_chain, jobs
+
+        decision, claim = self.claims.decide(job.uuid, message_id, jobs.get(job.uuid))
+        if decision is not Decision.RUN:
+            log.info("job_duplicate_ignored", decision=decision.value, run_id=claim.run_id, message_id=message_id)
+            message.ack()
+            return
+        jobs.set(job.uuid, JobState.QUEUED, run_id=claim.run_id)
+        build_chain(job, claim.run_id).apply_async()
+        self.claims.mark_published(job.uuid, claim)
+        message.ack()
+        log.info("job_accepted", image_url=job.image_url, message_id=message_id, run_id=claim.run_id)
+
+    def _reject(self, bad: InvalidJob, raw: str, message_id: str | None, message: Message) -> None:
+        """Dead-letter a message that is not a job; a readable uuid still gets its `failed` callback."""
+        from samseg.pipeline import jobs, notify
+
+        bind_job(bad.uuid, "ingress")
+        log.error("ingress_rejected", reason=bad.reason, message_id=message_id, body=raw[:300])
+        try:
+            self.queues.dead_letter(raw, bad.reason, message_id)
+            # Never let a malformed copy overwrite a real job that has this uuid.
+            if bad.uuid and jobs.get(bad.uuid) is None:
+                error = ErrorInfo(code="invalid_job", message=bad.reason)
+                jobs.set(bad.uuid, JobState.FAILED, None, error=error)
+                notify.apply_async(({"uuid": bad.uuid, "error": error.model_dump()},), task_id=f"{bad.uuid}.notify")
+        except Exception as exc:  # SQS down: keep the message, it comes back after a backoff
+            log.warning("ingress_dead_letter_failed", error=repr(exc))
+            message.requeue()
         else:
             message.ack()
-            log.info("job_accepted", image_url=job.image_url, message_id=message_id)
         finally:
             unbind_job()
 

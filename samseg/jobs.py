@@ -42,12 +42,14 @@ class JobStore:
         segments: list[Segment] | None = None,
         error: ErrorInfo | None = None,
         callback: CallbackStatus | None = None,
+        run_id: str | None = None,
     ) -> JobStatus:
         status = JobStatus(
             uuid=uuid,
             status=state,
             stage=stage,
             updated_at=time.time(),
+            run_id=run_id,
             segments=segments,
             error=error,
             callback=callback,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -54,7 +55,7 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
     _configured = True
 
 
-def _celery_task_fields(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _celery_task_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Celery's own "Task x[id] received/succeeded" lines carry name and id in `extra["data"]`: lift them out.
 
     samseg's task ids are `{uuid}.{stage}`, so the job uuid is recoverable even in the worker's main

@@ -42,9 +42,9 @@ NOTIFY_TIME_LIMIT = int(
 )
 
 
-def build_chain(job: JobMessage) -> Any:
+def build_chain(job: JobMessage, run_id: str) -> Any:
     """The four stages with deterministic task ids ({uuid}.{stage}) so logs and redeliveries line up."""
-    payload = {"uuid": job.uuid, "image_url": job.image_url}
+    payload = {"uuid": job.uuid, "image_url": job.image_url, "run_id": run_id}
     return chain(
         download.si(payload).set(task_id=f"{job.uuid}.download"),
         segment.s().set(task_id=f"{job.uuid}.segment"),
@@ -56,7 +56,7 @@ def build_chain(job: JobMessage) -> Any:
 @app.task(name="samseg.download", bind=True, throws=(JobError,))
 def download(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
-    jobs.set(uuid, JobState.RUNNING, Stage.DOWNLOAD)
+    jobs.set(uuid, JobState.RUNNING, Stage.DOWNLOAD, run_id=job.get("run_id"))
     work = store.work_dir(uuid)
     work.mkdir(parents=True, exist_ok=True)
     size = download_image(job["image_url"], work / SOURCE_FILE, settings)
@@ -74,7 +74,7 @@ def download(self: Task, job: dict[str, Any]) -> dict[str, Any]:
 )
 def segment(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
-    jobs.set(uuid, JobState.RUNNING, Stage.SEGMENT)
+    jobs.set(uuid, JobState.RUNNING, Stage.SEGMENT, run_id=job.get("run_id"))
     work = store.work_dir(uuid)
     image = load_rgb(work / SOURCE_FILE, settings)
     height, width = image.shape[:2]
@@ -108,7 +108,7 @@ def segment(self: Task, job: dict[str, Any]) -> dict[str, Any]:
 @app.task(name="samseg.persist", bind=True, throws=(JobError,))
 def persist(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
-    jobs.set(uuid, JobState.RUNNING, Stage.PERSIST)
+    jobs.set(uuid, JobState.RUNNING, Stage.PERSIST, run_id=job.get("run_id"))
     work = store.work_dir(uuid)
     with np.load(work / MASKS_FILE) as data:
         masks = unpack_masks(data["packed"], job["width"])
@@ -129,7 +129,13 @@ def persist(self: Task, job: dict[str, Any]) -> dict[str, Any]:
 @app.task(name="samseg.notify", bind=True, time_limit=NOTIFY_TIME_LIMIT, soft_time_limit=NOTIFY_TIME_LIMIT - 10)
 def notify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
+    run_id = job.get("run_id")
     error = ErrorInfo.model_validate(job["error"]) if job.get("error") else None
+    current = jobs.get(uuid)
+    if current and current.callback and current.callback.delivered and run_id and current.run_id == run_id:
+        # A redelivered notify of a run whose callback already went out: don't send it twice.
+        log.info("callback_already_delivered", run_id=run_id)
+        return {"uuid": uuid, "status": current.status.value, "callback_delivered": True}
     if error is None:
         data = store.read_result(uuid)
         if data is None:
@@ -138,7 +144,7 @@ def notify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         body = CallbackBody(uuid=uuid, status="failed", segments=[], error=error)
     else:
         body = CallbackBody.model_validate(data)
-    jobs.set(uuid, JobState.RUNNING, Stage.NOTIFY, segments=body.segments or None, error=error)
+    jobs.set(uuid, JobState.RUNNING, Stage.NOTIFY, segments=body.segments or None, error=error, run_id=run_id)
     delivery = send_callback(body, settings)
     callback = CallbackStatus(
         delivered=delivery.delivered, attempts=delivery.attempts, http_status=delivery.http_status, error=delivery.error
@@ -147,7 +153,7 @@ def notify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     if not delivery.delivered and delivery.attempts > 0 and final_error is None:
         final_error = ErrorInfo(code="callback_failed", message=f"the callback was not accepted: {delivery.error}")
     state = JobState.FAILED if final_error else JobState.COMPLETED
-    jobs.set(uuid, state, None, segments=body.segments or None, error=final_error, callback=callback)
+    jobs.set(uuid, state, None, segments=body.segments or None, error=final_error, callback=callback, run_id=run_id)
     log.info("job_finished", status=state.value, callback_delivered=delivery.delivered)
     return {"uuid": uuid, "status": state.value, "callback_delivered": delivery.delivered}
 
@@ -167,8 +173,9 @@ def on_job_error(request: Any, exc: BaseException, traceback: Any) -> None:
     if getattr(request, "task", None) == notify.name:
         jobs.update(uuid, status=JobState.FAILED, stage=None, error=error)
         return
-    jobs.set(uuid, JobState.FAILED, None, error=error)
-    notify.apply_async(({"uuid": uuid, "error": error.model_dump()},), task_id=f"{uuid}.notify")
+    run_id = job.get("run_id")
+    jobs.set(uuid, JobState.FAILED, None, error=error, run_id=run_id)
+    notify.apply_async(({"uuid": uuid, "run_id": run_id, "error": error.model_dump()},), task_id=f"{uuid}.notify")
 
 
 def error_info(exc: BaseException) -> ErrorInfo:

@@ -6,6 +6,7 @@ Layout under SAMSEG_ASSETS_DIR:
     {uuid}/result.json                  the callback body
     .samseg/work/{uuid}/                intermediates passed between tasks (image, packed masks)
     .samseg/staging/{uuid}.{token}/     a folder being built; renamed into place when complete
+    .samseg/claims/{uuid}               idempotency claim of the job's current run (see idempotency.py)
     .samseg/jobs.sqlite                 default job-status database
 
 A job folder appears by one rename of a complete staging folder on the same filesystem, so readers and
@@ -54,6 +55,10 @@ class AssetStore:
     def trash_root(self) -> Path:
         return self.state_dir / "trash"
 
+    @property
+    def claims_root(self) -> Path:
+        return self.state_dir / "claims"
+
     def job_dir(self, uuid: str) -> Path:
         return self.root / _checked(uuid)
 
@@ -64,7 +69,7 @@ class AssetStore:
         return self.job_dir(uuid) / RESULT_FILE
 
     def ensure_layout(self) -> None:
-        for folder in (self.root, self.work_root, self.staging_root, self.trash_root):
+        for folder in (self.root, self.work_root, self.staging_root, self.trash_root, self.claims_root):
             folder.mkdir(parents=True, exist_ok=True)
 
     def publish(self, uuid: str, build: Callable[[Path], None]) -> Path:
@@ -111,7 +116,7 @@ class AssetStore:
                 _remove(Path(entry.path))
                 removed.append(entry.name)
         # Work and staging folders of jobs in flight are young; only abandoned ones get this old.
-        for folder in (self.work_root, self.staging_root, self.trash_root):
+        for folder in (self.work_root, self.staging_root, self.trash_root, self.claims_root):
             if not folder.is_dir():
                 continue
             for entry in os.scandir(folder):
