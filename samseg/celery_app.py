@@ -34,9 +34,17 @@ def _unbind_task(**_: Any) -> None:
     unbind_job()
 
 
+_keeper: Any = None
+
+
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
+    global _keeper
+    from samseg.visibility import VisibilityKeeper
+
     settings = get_settings()
+    _keeper = VisibilityKeeper(settings)
+    _keeper.start()
     log.info(
         "worker_ready",
         jobs_queue=settings.jobs_queue,
@@ -51,6 +59,7 @@ def _worker_init(**_: Any) -> None:
     """Create the jobs queue, its DLQ and redrive policy before consuming (idempotent)."""
     from samseg.sqs import JobQueues
     from samseg.storage import AssetStore
+    from samseg.visibility import check_visibility
 
     settings = get_settings()
     AssetStore(settings.assets_dir).ensure_layout()
@@ -58,6 +67,14 @@ def _worker_init(**_: Any) -> None:
         JobQueues(settings).ensure()
     except Exception as exc:  # SQS unreachable: kombu's connection retry takes over from here
         log.warning("queues_not_ensured", error=repr(exc))
+    for problem in check_visibility(settings):
+        log.warning("visibility_timeout_too_short", problem=problem, consequence="long tasks may run twice")
+
+
+@signals.worker_shutdown.connect
+def _worker_shutdown(**_: Any) -> None:
+    if _keeper is not None:
+        _keeper.stop()
 
 
 from samseg.ingress import IngressStep  # noqa: E402  (needs `app` above)

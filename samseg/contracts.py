@@ -10,7 +10,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 # A uuid names a folder and a URL path segment, so it must be a safe identifier: no separators, no dots
 # at the start, nothing that needs escaping. UUIDs, ULIDs and most app-side ids fit.
@@ -29,10 +29,10 @@ JobId = Annotated[str, AfterValidator(_safe_uuid)]
 class JobMessage(BaseModel):
     """The raw JSON body the app server puts on the jobs queue (and POST /jobs accepts)."""
 
-    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="ignore")
 
-    uuid: JobId
-    image_url: str = Field(min_length=1, max_length=4096)
+    uuid: JobId  # exact: no trimming, it becomes a folder and URL segment
+    image_url: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4096)]
 
 
 class BBox(BaseModel):

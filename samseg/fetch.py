@@ -8,9 +8,10 @@ deadline; the pixel count is checked from the header before anything is decoded 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
-import time
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from samseg.errors import JobError
 from samseg.settings import Settings
+
+# samseg enforces SAMSEG_MAX_IMAGE_PIXELS itself, from the header, before decoding; Pillow's own guard
+# would answer a different error for the same image depending on its size.
+Image.MAX_IMAGE_PIXELS = None
 
 MAX_REDIRECTS = 5
 USER_AGENT = "samseg/0.1 (+image fetch)"
@@ -64,14 +69,34 @@ def resolve_public(host: str, port: int, settings: Settings) -> list[str]:
         return addresses
     for text in addresses:
         address = ipaddress.ip_address(text.split("%", 1)[0])
-        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
-        if not address.is_global or address.is_multicast or (mapped is not None and not mapped.is_global):
+        if not _is_public(address):
             raise JobError(
                 "image_url_forbidden",
                 f"{host!r} resolves to {address}, a non-public address; "
                 "set SAMSEG_ALLOW_PRIVATE_NETWORKS=true or SAMSEG_ALLOWED_IMAGE_HOSTS to allow it",
             )
     return addresses
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Global unicast, and so is any IPv4 address embedded in it (mapped, NAT64, 6to4, Teredo)."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded: list[ipaddress.IPv4Address] = []
+        if address.ipv4_mapped is not None:
+            embedded.append(address.ipv4_mapped)
+        if address.sixtofour is not None:
+            embedded.append(address.sixtofour)
+        if address.teredo is not None:
+            embedded.extend(address.teredo)
+        if address in _NAT64:
+            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        return all(_is_public(v4) for v4 in embedded)
+    return True
 
 
 class _GuardedBackend(httpcore.SyncBackend):
@@ -83,6 +108,17 @@ class _GuardedBackend(httpcore.SyncBackend):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.aborted = False
+
+    def abort(self) -> None:
+        """The overall deadline passed: cut every connection, so even a server trickling bytes stops."""
+        with self._lock:
+            self.aborted = True
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def connect_tcp(
         self,
@@ -99,9 +135,15 @@ class _GuardedBackend(httpcore.SyncBackend):
         error: Exception | None = None
         for address in addresses:
             try:
-                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+                stream = super().connect_tcp(address, port, timeout, local_address, socket_options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 error = exc
+                continue
+            with self._lock:
+                self._sockets.append(stream.get_extra_info("socket"))
+                if self.aborted:
+                    self.abort()
+            return stream
         raise error or httpcore.ConnectError(f"no address for {host}")
 
 
@@ -111,10 +153,10 @@ class _Refused(httpcore.ConnectError):
         self.error = error
 
 
-def _client(settings: Settings) -> httpx.Client:
+def _client(settings: Settings, backend: _GuardedBackend) -> httpx.Client:
     timeout = httpx.Timeout(settings.download_timeout_seconds, connect=min(10.0, settings.download_timeout_seconds))
     transport = httpx.HTTPTransport(retries=0)
-    transport._pool._network_backend = _GuardedBackend(settings)  # httpx exposes no public hook for this
+    transport._pool._network_backend = backend  # httpx exposes no public hook for this
     return httpx.Client(
         transport=transport, timeout=timeout, follow_redirects=False, headers={"User-Agent": USER_AGENT}
     )
@@ -122,9 +164,19 @@ def _client(settings: Settings) -> httpx.Client:
 
 def download_image(url: str, dest: Path, settings: Settings) -> int:
     """Stream `url` to `dest` (≤ SAMSEG_MAX_IMAGE_BYTES, ≤ SAMSEG_DOWNLOAD_TIMEOUT_SECONDS in all)."""
-    deadline = time.monotonic() + settings.download_timeout_seconds
+    backend = _GuardedBackend(settings)
+    watchdog = threading.Timer(settings.download_timeout_seconds, backend.abort)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return _download(url, dest, settings, backend)
+    finally:
+        watchdog.cancel()
+
+
+def _download(url: str, dest: Path, settings: Settings, backend: _GuardedBackend) -> int:
     tmp = dest.with_name(dest.name + ".part")
-    with _client(settings) as client:
+    with _client(settings, backend) as client:
         for _hop in range(MAX_REDIRECTS + 1):
             check_url(url, settings)
             try:
@@ -141,26 +193,19 @@ def download_image(url: str, dest: Path, settings: Settings) -> int:
                         raise JobError("image_too_large", _too_large(int(declared), settings))
                     size = 0
                     with tmp.open("wb") as out:
-                        for chunk in response.iter_bytes(64 * 1024):
+                        for chunk in response.iter_bytes():  # as they arrive: the cap is checked per read
                             size += len(chunk)
                             if size > settings.max_image_bytes:
                                 raise JobError("image_too_large", _too_large(size, settings))
-                            if time.monotonic() > deadline:
-                                raise JobError("image_download_timeout", _timed_out(settings))
                             out.write(chunk)
+                    if backend.aborted:  # the body ended because the watchdog cut it, not because it was complete
+                        raise JobError("image_download_timeout", _timed_out(settings))
                     if size == 0:
                         raise JobError("image_empty", "the image URL returned an empty body")
                     tmp.replace(dest)
                     return size
-            except httpx.TimeoutException as exc:
-                raise JobError("image_download_timeout", _timed_out(settings)) from exc
-            except httpx.ConnectError as exc:
-                refused = exc.__context__ if isinstance(exc.__context__, _Refused) else None
-                if refused is not None:
-                    raise refused.error from None
-                raise JobError("image_download_failed", f"cannot connect to the image host: {exc}") from exc
             except httpx.HTTPError as exc:
-                raise JobError("image_download_failed", f"cannot download the image: {exc!r}") from exc
+                raise _download_error(exc, backend, settings) from exc
             finally:
                 tmp.unlink(missing_ok=True)
         raise JobError("image_too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
@@ -174,7 +219,9 @@ def probe_image(path: Path, settings: Settings) -> ImageInfo:
             fmt = image.format
     except UnidentifiedImageError as exc:
         raise JobError("image_invalid", "the downloaded bytes are not an image format samseg can read") from exc
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise JobError("image_too_many_pixels", f"the image header declares too many pixels: {exc}") from exc
+    except (OSError, ValueError) as exc:
         raise JobError("image_invalid", f"cannot read the image header: {exc}") from exc
     if width * height > settings.max_image_pixels:
         raise JobError(
@@ -187,7 +234,6 @@ def probe_image(path: Path, settings: Settings) -> ImageInfo:
 def load_rgb(path: Path, settings: Settings) -> npt.NDArray[np.uint8]:
     """Decode to RGB, applying EXIF orientation so masks line up with the image as browsers show it."""
     probe_image(path, settings)
-    Image.MAX_IMAGE_PIXELS = None  # our own limit was checked above, from the header
     try:
         with Image.open(path) as image:
             image.load()
@@ -195,6 +241,16 @@ def load_rgb(path: Path, settings: Settings) -> npt.NDArray[np.uint8]:
     except (OSError, ValueError, SyntaxError) as exc:
         raise JobError("image_invalid", f"the image cannot be decoded (truncated or corrupt): {exc}") from exc
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def _download_error(exc: httpx.HTTPError, backend: _GuardedBackend, settings: Settings) -> JobError:
+    if backend.aborted or isinstance(exc, httpx.TimeoutException):
+        return JobError("image_download_timeout", _timed_out(settings))
+    if isinstance(exc, httpx.ConnectError):
+        if isinstance(exc.__context__, _Refused):
+            return exc.__context__.error
+        return JobError("image_download_failed", f"cannot connect to the image host: {exc}")
+    return JobError("image_download_failed", f"cannot download the image: {exc!r}")
 
 
 def _check_status(response: httpx.Response) -> None:

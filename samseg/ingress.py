@@ -53,6 +53,8 @@ def parse_job(raw: str) -> JobMessage:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidJob(f"body is not JSON: {exc.msg if hasattr(exc, 'msg') else exc}", None) from exc
+    except RecursionError:
+        raise InvalidJob("body is JSON nested too deeply", None) from None
     if not isinstance(data, dict):
         raise InvalidJob(f"body is JSON {type(data).__name__}, not an object", None)
     candidate = data.get("uuid")

@@ -8,6 +8,7 @@ exactly one callback.
 
 from __future__ import annotations
 
+import errno
 import time
 from typing import Any
 
@@ -80,7 +81,7 @@ def segment(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     height, width = image.shape[:2]
     segmenter = get_segmenter(settings)
     try:
-        result = segmenter.segment(image)
+        result = segmenter.segment_with_fallback(image)
     except (SoftTimeLimitExceeded, JobError):
         raise
     except Exception as exc:  # CUDA OOM, shape errors…: the job fails with the reason, the worker lives
@@ -120,7 +121,12 @@ def persist(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         uuid=uuid, status="completed", segments=segments, image_width=job["width"], image_height=job["height"]
     )
 
-    store.publish(uuid, lambda folder: write_job_folder(folder, masks, body))
+    try:
+        store.publish(uuid, lambda folder: write_job_folder(folder, masks, body))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise JobError("disk_full", f"no space left in SAMSEG_ASSETS_DIR to write the masks: {exc}") from exc
+        raise JobError("storage_error", f"cannot write the masks: {exc}") from exc
     store.discard_work(uuid)
     log.info("masks_persisted", masks=len(segments), seconds=round(time.perf_counter() - started, 3))
     return {**job, "mask_count": len(segments)}

@@ -89,6 +89,41 @@ class Segmenter:
             records = generator.generate(image)
         return to_segmentation(records, image.shape[:2], time.perf_counter() - started)
 
+    def segment_with_fallback(self, image: npt.NDArray[np.uint8]) -> Segmentation:
+        """On out-of-memory, free what the failed attempt held and retry once with a quarter of the batch."""
+        batch = self.settings.amg_points_per_batch
+        try:
+            return self.segment(image, batch)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            smaller = max(1, batch // 4)
+            log.warning("segment_out_of_memory", points_per_batch=batch, retry_with=smaller, error=str(exc)[:300])
+            self._release_memory()
+        try:
+            return self.segment(image, smaller)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self._release_memory()
+            raise JobError(
+                "model_out_of_memory",
+                f"out of memory at points_per_batch={batch} and again at {smaller}: {str(exc)[:300]}",
+            ) from exc
+
+    def _release_memory(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.device.startswith("cuda"):
+            self.torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
+
 
 def to_segmentation(records: list[dict[str, Any]], shape: tuple[int, ...], seconds: float) -> Segmentation:
     kept = [r for r in records if int(np.count_nonzero(r["segmentation"])) > 0]

@@ -6,6 +6,7 @@ Every other module takes a `Settings` (usually `get_settings()`); nothing else r
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import quote, urlsplit
@@ -104,8 +105,16 @@ class Settings(BaseSettings):
     @field_validator("jobs_queue")
     @classmethod
     def _check_queue_name(cls, value: str) -> str:
-        if not value or len(value) > 76 or not all(c.isalnum() or c in "-_" for c in value):
-            raise ValueError("SQS queue names are 1-76 characters of letters, digits, '-' and '_'")
+        # 76 leaves room for the "-dlq" suffix within SQS's 80-character limit.
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,76}", value):
+            raise ValueError("SQS queue names are 1-76 characters: ASCII letters, digits, '-' and '_'")
+        return value
+
+    @field_validator("queue_prefix")
+    @classmethod
+    def _check_queue_prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{0,60}", value):
+            raise ValueError("the queue prefix is at most 60 ASCII letters, digits, '-' and '_'")
         return value
 
     # --- derived values (one definition each) ---------------------------------------------------------
@@ -146,7 +155,8 @@ class Settings(BaseSettings):
             return f"sqs://{creds}"
         parts = urlsplit(self.aws_endpoint_url_sqs)
         port = f":{parts.port}" if parts.port else ""
-        return f"sqs://{creds}{parts.hostname}{port}"
+        host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+        return f"sqs://{creds}{host}{port}"
 
     @property
     def sqs_is_secure(self) -> bool:

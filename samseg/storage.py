@@ -84,7 +84,13 @@ class AssetStore:
             if final.exists() or final.is_symlink():
                 retired = self.trash_root / f"{uuid}.{token}"
                 os.replace(final, retired)
-                os.replace(staging, final)
+                try:
+                    os.replace(staging, final)
+                except OSError:
+                    # Someone published the same uuid in between: keep theirs; else put the old one back.
+                    if not final.exists():
+                        os.replace(retired, final)
+                    raise
                 _remove(retired)
             else:
                 os.replace(staging, final)

@@ -1,0 +1,91 @@
+"""Keep SQS from redelivering a task while it is still running.
+
+SQS hides a received message for the queue's visibility timeout; a task still running when it expires is
+delivered again and runs twice. A thread in the worker's main process (it alone holds the receipt handles;
+pool children never see them) extends the timeout of every message the worker holds, every third of the
+timeout. If the worker dies, the extensions stop and SQS redelivers after at most one timeout — which is
+what recovers a job from a killed worker.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import structlog
+
+from samseg.settings import Settings
+from samseg.sqs import sqs_client
+
+log = structlog.get_logger(__name__)
+
+
+class VisibilityKeeper(threading.Thread):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="samseg-visibility", daemon=True)
+        self.timeout = settings.visibility_timeout_seconds
+        self.interval = max(2.0, self.timeout / 3)
+        self.client = sqs_client(settings)
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.extend_all()
+            except Exception as exc:  # never let the keeper die: a missed round is retried next interval
+                log.warning("visibility_extend_failed", error=repr(exc))
+
+    def extend_all(self) -> int:
+        from celery.worker import state
+
+        extended = 0
+        for request in _snapshot(state.reserved_requests):
+            message = getattr(request, "message", None)
+            info = getattr(message, "delivery_info", None) or {}
+            queue_url = info.get("sqs_queue")
+            receipt = getattr(message, "delivery_tag", None)
+            if not queue_url or not receipt or getattr(message, "acknowledged", False):
+                continue
+            try:
+                self.client.change_message_visibility(
+                    QueueUrl=queue_url, ReceiptHandle=receipt, VisibilityTimeout=self.timeout
+                )
+                extended += 1
+            except self.client.exceptions.ReceiptHandleIsInvalid:
+                pass  # acknowledged in the meantime
+        return extended
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _snapshot(requests: Any) -> list[Any]:
+    """The worker's set changes under us; retry the copy rather than lock the event loop."""
+    for _ in range(5):
+        try:
+            return list(requests)
+        except RuntimeError:
+            continue
+    return []
+
+
+def check_visibility(settings: Settings) -> list[str]:
+    """Problems with the queues' visibility timeouts, for a loud warning at worker start."""
+    from samseg.sqs import JobQueues
+
+    problems: list[str] = []
+    limit = settings.segment_time_limit_seconds
+    if settings.visibility_timeout_seconds <= limit:
+        problems.append(
+            f"SAMSEG_VISIBILITY_TIMEOUT_SECONDS={settings.visibility_timeout_seconds} is not longer than "
+            f"SAMSEG_SEGMENT_TIME_LIMIT_SECONDS={limit}"
+        )
+    queues = JobQueues(settings)
+    for name in (settings.jobs_queue, settings.io_queue, settings.gpu_queue):
+        try:
+            actual = queues.visibility_timeout(name)
+        except Exception:
+            continue  # not created yet: kombu/ensure will create it with the configured timeout
+        if actual <= limit:
+            problems.append(f"queue {name} has VisibilityTimeout={actual}s, not longer than the {limit}s task limit")
+    return problems
