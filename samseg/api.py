@@ -14,10 +14,12 @@ from typing import Annotated
 import structlog
 from fastapi import FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
+from samseg import metrics  # first: it configures prometheus_client's multiprocess mode
 from samseg.celery_app import app as celery_app
 from samseg.contracts import UUID_PATTERN, JobAccepted, JobMessage, JobState, JobStatus
+from samseg.health import readiness
 from samseg.jobs import JobStore
 from samseg.logs import configure_logging
 from samseg.settings import get_settings
@@ -53,6 +55,34 @@ def job_queues() -> JobQueues:
 def healthz() -> dict[str, str]:
     """The process is up and serving (no dependency checks)."""
     return {"status": "ok"}
+
+
+@app.get("/readyz", tags=["health"])
+def readyz() -> JSONResponse:
+    """Ready to take jobs: SQS reachable, assets volume writable, enough free disk. 503 lists what is not."""
+
+    def broker() -> str:
+        queues = job_queues()
+        queues.url(settings.jobs_queue)
+        return f"{settings.jobs_queue} reachable"
+
+    ok, checks = readiness(settings, broker)
+    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
+
+
+@app.get("/metrics", tags=["health"], response_class=Response)
+def prometheus_metrics() -> Response:
+    """Prometheus text format: job outcomes, stage durations, masks per job, queue depth, disk usage."""
+    return Response(metrics.render(_scrape_time), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _queue_depths() -> dict[str, int]:
+    queues = job_queues()
+    names = (settings.jobs_queue, settings.dead_letter_queue, settings.io_queue, settings.gpu_queue)
+    return {name: queues.depth(name) for name in names}
+
+
+_scrape_time = metrics.ScrapeTimeCollector(settings.assets_dir, _queue_depths)
 
 
 @app.post("/jobs", status_code=202, response_model=JobAccepted, tags=["jobs"])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
+import time
 from typing import Any
 
 import structlog
@@ -14,6 +18,10 @@ log = structlog.get_logger(__name__)
 
 app = Celery("samseg", include=["samseg.pipeline"])
 app.config_from_object("celeryconfig")
+if get_settings().events:
+    from samseg.events import enable_sqs_events
+
+    enable_sqs_events(app, get_settings())
 
 
 @signals.setup_logging.connect
@@ -23,45 +31,99 @@ def _setup_logging(**_: Any) -> None:
     configure_logging(settings.log_level, settings.log_json)
 
 
+_started: dict[str, float] = {}
+
+
 @signals.task_prerun.connect
-def _bind_task(task: Any = None, args: Any = None, **_: Any) -> None:
+def _bind_task(task_id: str | None = None, task: Any = None, args: Any = None, **_: Any) -> None:
     job = args[0] if args and isinstance(args[0], dict) else {}
     bind_job(job.get("uuid"), getattr(task, "name", None))
+    if task_id:
+        _started[task_id] = time.monotonic()
 
 
 @signals.task_postrun.connect
-def _unbind_task(**_: Any) -> None:
+def _unbind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    started = _started.pop(task_id or "", None)
+    stage = str(getattr(task, "name", "")).removeprefix("samseg.")
+    if started is not None:
+        from samseg import metrics
+
+        if stage in metrics.STAGES:
+            metrics.STAGE_SECONDS.labels(stage).observe(time.monotonic() - started)
     unbind_job()
 
 
-_keeper: Any = None
+def _needs_model() -> bool:
+    settings = get_settings()
+    return settings.preload_model and settings.gpu_queue in app.amqp.queues.consume_from
+
+
+@signals.worker_process_init.connect
+def _warm_up_model(**_: Any) -> None:
+    """Load and warm the model in the process that will use it, off the init path (it has a 4 s budget)."""
+    if not _needs_model():
+        return
+
+    def warm() -> None:
+        from samseg.health import mark_ready
+        from samseg.segmenter import get_segmenter
+
+        settings = get_settings()
+        try:
+            seconds = get_segmenter(settings).warm_up()
+        except Exception as exc:
+            log.error("model_warm_up_failed", error=repr(exc))
+            return
+        mark_ready(settings.worker_heartbeat_file, warm_up_seconds=round(seconds, 2))
+        log.info("model_ready", warm_up_seconds=round(seconds, 2), model=settings.sam2_model)
+
+    threading.Thread(target=warm, name="samseg-warm-up", daemon=True).start()
+
+
+@signals.worker_process_shutdown.connect
+def _process_shutdown(pid: int | None = None, **_: Any) -> None:
+    from samseg import metrics
+
+    metrics.process_exited(pid or os.getpid())
+
+
+_threads: list[Any] = []
 
 
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
-    global _keeper
+    from samseg.health import Heartbeat
     from samseg.visibility import VisibilityKeeper
 
     settings = get_settings()
-    _keeper = VisibilityKeeper(settings)
-    _keeper.start()
+    hostname = getattr(sender, "hostname", None) or socket.gethostname()
+    heartbeat = Heartbeat(
+        settings.worker_heartbeat_file, settings.worker_heartbeat_interval_seconds, hostname, _needs_model()
+    )
+    _threads.extend([VisibilityKeeper(settings), heartbeat])
+    for thread in _threads:
+        thread.start()
     log.info(
         "worker_ready",
         jobs_queue=settings.jobs_queue,
         queues=sorted(app.amqp.queues.consume_from),
         model=settings.sam2_model,
         device=settings.device,
+        events=settings.events,
     )
 
 
 @signals.worker_init.connect
 def _worker_init(**_: Any) -> None:
     """Create the jobs queue, its DLQ and redrive policy before consuming (idempotent)."""
+    from samseg.health import reset as reset_health
     from samseg.sqs import JobQueues
     from samseg.storage import AssetStore
     from samseg.visibility import check_visibility
 
     settings = get_settings()
+    reset_health(settings.worker_heartbeat_file)
     AssetStore(settings.assets_dir).ensure_layout()
     try:
         JobQueues(settings).ensure()
@@ -73,8 +135,8 @@ def _worker_init(**_: Any) -> None:
 
 @signals.worker_shutdown.connect
 def _worker_shutdown(**_: Any) -> None:
-    if _keeper is not None:
-        _keeper.stop()
+    for thread in _threads:
+        thread.stop()
 
 
 from samseg.ingress import IngressStep  # noqa: E402  (needs `app` above)

@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     qens = qsub.add_parser("ensure", help="create the jobs queue, its dead-letter queue and Celery's queues")
     qens.set_defaults(func=cmd_queues_ensure)
 
+    health = sub.add_parser("healthcheck", help="exit 0 if healthy (for Docker HEALTHCHECK)")
+    hsub = health.add_subparsers(dest="health_command", required=True)
+    hworker = hsub.add_parser("worker", help="this container's worker: heartbeat fresh and model warm")
+    hworker.add_argument("--live", action="store_true", help="liveness only: do not require the model to be ready")
+    hworker.set_defaults(func=cmd_healthcheck_worker)
+
     status = sub.add_parser("status", help="print a job's status as JSON")
     status.add_argument("uuid")
     status.set_defaults(func=cmd_status)
@@ -86,6 +92,14 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     print(status.model_dump_json(indent=2, exclude_none=True))
     return 0
+
+
+def cmd_healthcheck_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from samseg.health import worker_health
+
+    health = worker_health(settings.worker_heartbeat_file, settings.worker_heartbeat_interval_seconds)
+    print(health.reason)
+    return 0 if health.alive and (health.ready or args.live) else 1
 
 
 def cmd_queues_ensure(args: argparse.Namespace, settings: Settings) -> int:

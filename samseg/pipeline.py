@@ -18,6 +18,7 @@ from billiard.exceptions import TimeLimitExceeded
 from celery import Task, chain
 from celery.exceptions import SoftTimeLimitExceeded
 
+from samseg import metrics
 from samseg.celery_app import app
 from samseg.contracts import CallbackBody, CallbackStatus, ErrorInfo, JobMessage, JobState, Stage
 from samseg.errors import JobError
@@ -128,6 +129,7 @@ def persist(self: Task, job: dict[str, Any]) -> dict[str, Any]:
             raise JobError("disk_full", f"no space left in SAMSEG_ASSETS_DIR to write the masks: {exc}") from exc
         raise JobError("storage_error", f"cannot write the masks: {exc}") from exc
     store.discard_work(uuid)
+    metrics.MASKS_PER_JOB.observe(len(segments))
     log.info("masks_persisted", masks=len(segments), seconds=round(time.perf_counter() - started, 3))
     return {**job, "mask_count": len(segments)}
 
@@ -152,6 +154,8 @@ def notify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         body = CallbackBody.model_validate(data)
     jobs.set(uuid, JobState.RUNNING, Stage.NOTIFY, segments=body.segments or None, error=error, run_id=run_id)
     delivery = send_callback(body, settings)
+    if delivery.attempts:
+        metrics.CALLBACKS.labels("delivered" if delivery.delivered else "failed").inc()
     callback = CallbackStatus(
         delivered=delivery.delivered, attempts=delivery.attempts, http_status=delivery.http_status, error=delivery.error
     )
@@ -159,6 +163,7 @@ def notify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     if not delivery.delivered and delivery.attempts > 0 and final_error is None:
         final_error = ErrorInfo(code="callback_failed", message=f"the callback was not accepted: {delivery.error}")
     state = JobState.FAILED if final_error else JobState.COMPLETED
+    metrics.JOBS.labels(state.value).inc()
     jobs.set(uuid, state, None, segments=body.segments or None, error=final_error, callback=callback, run_id=run_id)
     log.info("job_finished", status=state.value, callback_delivered=delivery.delivered)
     return {"uuid": uuid, "status": state.value, "callback_delivered": delivery.delivered}

@@ -46,7 +46,9 @@ class Segmenter:
         started = time.perf_counter()
         self.model = build_model(settings.sam2_model, settings.checkpoint_path, self.device)
         self.torch = torch
-        self._lock = threading.Lock()
+        # One lock for building generators and running them: SAM-2's predictor scripts its transforms with
+        # torch.jit when built, which is not thread-safe, and one model serves one inference at a time.
+        self._lock = threading.RLock()
         self._generators: dict[int, MaskGenerator] = {}
         log.info(
             "model_loaded",
@@ -58,14 +60,24 @@ class Segmenter:
         )
 
     def generator(self, points_per_batch: int) -> MaskGenerator:
-        if points_per_batch not in self._generators:
-            self._generators[points_per_batch] = self._make_generator(points_per_batch)
-        return self._generators[points_per_batch]
+        with self._lock:
+            if points_per_batch not in self._generators:
+                self._generators[points_per_batch] = self._make_generator(points_per_batch)
+            return self._generators[points_per_batch]
 
-    def _make_generator(self, points_per_batch: int) -> MaskGenerator:
+    def warm_up(self) -> float:
+        """One small inference so the first job does not pay for lazy initialisation (and compilation)."""
+        started = time.perf_counter()
+        image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        with self._lock, self.torch.inference_mode():
+            generator = self._make_generator(self.settings.amg_points_per_batch, points_per_side=2)
+            generator.generate(image)
+        return time.perf_counter() - started
+
+    def _make_generator(self, points_per_batch: int, points_per_side: int | None = None) -> MaskGenerator:
         s = self.settings
         params: dict[str, Any] = {
-            "points_per_side": s.amg_points_per_side,
+            "points_per_side": points_per_side or s.amg_points_per_side,
             "points_per_batch": points_per_batch,
             "pred_iou_thresh": s.amg_pred_iou_thresh,
             "stability_score_thresh": s.amg_stability_score_thresh,
@@ -83,9 +95,9 @@ class Segmenter:
         return SAM2AutomaticMaskGenerator(self.model, output_mode="binary_mask", **params)  # type: ignore[no-any-return]
 
     def segment(self, image: npt.NDArray[np.uint8], points_per_batch: int | None = None) -> Segmentation:
-        generator = self.generator(points_per_batch or self.settings.amg_points_per_batch)
         started = time.perf_counter()
         with self._lock, self.torch.inference_mode():
+            generator = self.generator(points_per_batch or self.settings.amg_points_per_batch)
             records = generator.generate(image)
         return to_segmentation(records, image.shape[:2], time.perf_counter() - started)
 

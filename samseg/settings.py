@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     queue_prefix: str = "samseg-"
     visibility_timeout_seconds: int = Field(3600, ge=30, le=43200)
     jobs_max_receive_count: int = Field(5, ge=1, le=1000)
+    # Celery monitoring events through SNS, so that Flower shows workers and tasks (docs/flower-on-sqs.md).
+    # One SNS publish per event (a heartbeat every 2 s per worker): off unless Flower is used.
+    events: bool = False
 
     # --- callback --------------------------------------------------------------------------------------
     app_server_url: str | None = None
@@ -72,6 +75,12 @@ class Settings(BaseSettings):
     amg_prune: bool = False
     segment_time_limit_seconds: int = Field(1800, ge=10)
     weights_base_url: str | None = None
+
+    # --- health ------------------------------------------------------------------------------------------
+    worker_heartbeat_file: Path = Path("/tmp/samseg-worker.heartbeat")
+    worker_heartbeat_interval_seconds: float = Field(10.0, gt=0)
+    preload_model: bool = True
+    min_free_disk_bytes: int = Field(1024**3, ge=0)
 
     # --- logging ---------------------------------------------------------------------------------------
     log_level: str = "INFO"
