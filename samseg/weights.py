@@ -125,9 +125,7 @@ def _expectations(
 
 
 def _by_hand(entry: ModelEntry, url: str, dest: Path, sha: str | None, size: int | None) -> str:
-    checks = ", ".join(
-        part for part in (f"{size} bytes" if size else "", f"sha256 {sha}" if sha else "") if part
-    )
+    checks = ", ".join(part for part in (f"{size} bytes" if size else "", f"sha256 {sha}" if sha else "") if part)
     where = url if url == entry.url else f"{url} (or Meta's original, {entry.url})"
     return (
         f"To install it by hand, fetch {where} on a machine with internet access and copy it to "
@@ -225,9 +223,7 @@ def _stream(
             f"download of {url} timed out after {received} bytes (no data for {timeout:g}s). {hint}"
         ) from exc
     except httpx.HTTPError as exc:
-        raise WeightsError(
-            f"download of {url} was interrupted after {received} bytes ({exc!r}). {hint}"
-        ) from exc
+        raise WeightsError(f"download of {url} was interrupted after {received} bytes ({exc!r}). {hint}") from exc
     except OSError as exc:
         raise WeightsError(f"cannot write the download next to the destination: {exc}. {hint}") from exc
     return digest.hexdigest(), received

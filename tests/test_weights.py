@@ -143,9 +143,7 @@ def test_base_url_replaces_host() -> None:
 # --- download -----------------------------------------------------------------------------------------
 
 
-def test_download_verifies_and_installs(
-    tmp_path: Path, meta: FakeMeta, manifest: dict[str, ModelEntry]
-) -> None:
+def test_download_verifies_and_installs(tmp_path: Path, meta: FakeMeta, manifest: dict[str, ModelEntry]) -> None:
     dest = tmp_path / "weights" / f"{MODEL}.pt"
     assert download_checkpoint(MODEL, dest, progress=False, manifest=manifest) == dest
     assert dest.read_bytes() == PAYLOAD
@@ -156,9 +154,7 @@ def test_download_verifies_and_installs(
 def test_download_with_explicit_url_and_hash(tmp_path: Path, meta: FakeMeta) -> None:
     """The shipped manifest, overridden per call: the manifest size no longer applies."""
     dest = tmp_path / f"{MODEL}.pt"
-    download_checkpoint(
-        MODEL, dest, url=meta.url("other.pt"), expected_sha256=PAYLOAD_SHA.upper(), progress=False
-    )
+    download_checkpoint(MODEL, dest, url=meta.url("other.pt"), expected_sha256=PAYLOAD_SHA.upper(), progress=False)
     assert dest.read_bytes() == PAYLOAD
     assert meta.hits == {"/segment_anything_2/092824/other.pt": 1}
 
@@ -170,9 +166,7 @@ def test_download_from_base_url(tmp_path: Path, meta: FakeMeta) -> None:
     assert meta.hits == {f"/segment_anything_2/092824/{MODEL}.pt": 1}
 
 
-def test_checksum_mismatch_leaves_nothing(
-    tmp_path: Path, meta: FakeMeta, manifest: dict[str, ModelEntry]
-) -> None:
+def test_checksum_mismatch_leaves_nothing(tmp_path: Path, meta: FakeMeta, manifest: dict[str, ModelEntry]) -> None:
     wrong = "0" * 64
     manifest[MODEL] = replace(manifest[MODEL], sha256=wrong)
     dest = tmp_path / f"{MODEL}.pt"
@@ -216,9 +210,7 @@ def test_interrupted_download_leaves_nothing(
     assert _leftovers(tmp_path, dest) == []
 
 
-def test_http_error_names_url_and_path(
-    tmp_path: Path, meta: FakeMeta, manifest: dict[str, ModelEntry]
-) -> None:
+def test_http_error_names_url_and_path(tmp_path: Path, meta: FakeMeta, manifest: dict[str, ModelEntry]) -> None:
     meta.mode = "missing"
     dest = tmp_path / f"{MODEL}.pt"
     with pytest.raises(WeightsError, match="HTTP 404") as info:
@@ -269,18 +261,14 @@ def test_progress_bar_goes_to_stderr(
 # --- ensure -------------------------------------------------------------------------------------------
 
 
-def test_ensure_present_makes_no_request(
-    tmp_path: Path, meta: FakeMeta, manifest: dict[str, ModelEntry]
-) -> None:
+def test_ensure_present_makes_no_request(tmp_path: Path, meta: FakeMeta, manifest: dict[str, ModelEntry]) -> None:
     dest = tmp_path / f"{MODEL}.pt"
     dest.write_bytes(PAYLOAD)
     assert ensure_checkpoint(MODEL, dest, progress=False, manifest=manifest) == dest
     assert meta.hits == {}
 
 
-def test_ensure_replaces_wrong_size_file(
-    tmp_path: Path, meta: FakeMeta, manifest: dict[str, ModelEntry]
-) -> None:
+def test_ensure_replaces_wrong_size_file(tmp_path: Path, meta: FakeMeta, manifest: dict[str, ModelEntry]) -> None:
     dest = tmp_path / f"{MODEL}.pt"
     dest.write_bytes(PAYLOAD[:1000])  # e.g. a copy that was cut short
     ensure_checkpoint(MODEL, dest, progress=False, manifest=manifest)
@@ -288,9 +276,7 @@ def test_ensure_replaces_wrong_size_file(
     assert sum(meta.hits.values()) == 1
 
 
-def test_ensure_from_threads_downloads_once(
-    tmp_path: Path, meta: FakeMeta, manifest: dict[str, ModelEntry]
-) -> None:
+def test_ensure_from_threads_downloads_once(tmp_path: Path, meta: FakeMeta, manifest: dict[str, ModelEntry]) -> None:
     meta.mode = "slow"
     dest = tmp_path / f"{MODEL}.pt"
     barrier = threading.Barrier(3)
@@ -313,9 +299,7 @@ def test_ensure_from_threads_downloads_once(
     assert dest.read_bytes() == PAYLOAD
 
 
-def _ensure_in_child(
-    url: str, dest: str, sha: str, size: int, barrier: typing.Any, queue: typing.Any
-) -> None:
+def _ensure_in_child(url: str, dest: str, sha: str, size: int, barrier: typing.Any, queue: typing.Any) -> None:
     manifest = {MODEL: replace(load_manifest()[MODEL], url=url, size=size, sha256=sha)}
     barrier.wait()
     try:
