@@ -231,8 +231,8 @@ class Supervisor:
         self.env = env
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, env=self.env, start_new_session=True)
+    def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, env={**self.env, **env}, start_new_session=True)
         self.children.append((name, proc))
         print(f"started {name} (pid {proc.pid})", flush=True)
         return proc
@@ -321,10 +321,12 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 "--hostname",
                 "io@%h",
             ],
+            SAMSEG_WORKER_HEARTBEAT_FILE=str(settings.state_dir / "worker-io.heartbeat"),
         )
         supervisor.start(
             "worker-gpu" if device.startswith("cuda") else "worker-segment",
             [*celery, "worker", "-Q", settings.gpu_queue, "--concurrency", "1", "--hostname", "segment@%h"],
+            SAMSEG_WORKER_HEARTBEAT_FILE=str(settings.state_dir / "worker-segment.heartbeat"),
         )
         supervisor.start("beat", [*celery, "beat"])
         supervisor.start(
