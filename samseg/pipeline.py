@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,9 +56,36 @@ def build_chain(job: JobMessage, run_id: str) -> Any:
     ).on_error(on_job_error.s())
 
 
+def _replay(job: dict[str, Any]) -> bool:
+    """True for a stage message SQS delivered again after its run had already finished: pass it through.
+
+    Without this, a redelivered stage would put a finished job back to `running` and fail on work files that
+    were already cleaned up, sending a conflicting `failed` callback.
+    """
+    status = jobs.get(job["uuid"])
+    finished = (
+        status is not None
+        and job.get("run_id") is not None
+        and status.run_id == job.get("run_id")
+        and status.status in (JobState.COMPLETED, JobState.FAILED)
+    )
+    if finished:
+        log.info("stage_replay_skipped", run_id=job.get("run_id"), status=status.status.value if status else None)
+    return finished
+
+
+def _work_file(uuid: str, name: str) -> Path:
+    path = store.work_dir(uuid) / name
+    if not path.exists():
+        raise JobError("work_missing", f"the job's work file {name} is gone (purged, or the volume is not shared)")
+    return path
+
+
 @app.task(name="samseg.download", bind=True, throws=(JobError,))
 def download(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
+    if _replay(job):
+        return job
     jobs.set(uuid, JobState.RUNNING, Stage.DOWNLOAD, run_id=job.get("run_id"))
     work = store.work_dir(uuid)
     work.mkdir(parents=True, exist_ok=True)
@@ -76,9 +104,11 @@ def download(self: Task, job: dict[str, Any]) -> dict[str, Any]:
 )
 def segment(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
+    if _replay(job):
+        return job
     jobs.set(uuid, JobState.RUNNING, Stage.SEGMENT, run_id=job.get("run_id"))
     work = store.work_dir(uuid)
-    image = load_rgb(work / SOURCE_FILE, settings)
+    image = load_rgb(_work_file(uuid, SOURCE_FILE), settings)
     height, width = image.shape[:2]
     segmenter = get_segmenter(settings)
     try:
@@ -110,9 +140,10 @@ def segment(self: Task, job: dict[str, Any]) -> dict[str, Any]:
 @app.task(name="samseg.persist", bind=True, throws=(JobError,))
 def persist(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
+    if _replay(job):
+        return job
     jobs.set(uuid, JobState.RUNNING, Stage.PERSIST, run_id=job.get("run_id"))
-    work = store.work_dir(uuid)
-    with np.load(work / MASKS_FILE) as data:
+    with np.load(_work_file(uuid, MASKS_FILE)) as data:
         masks = unpack_masks(data["packed"], job["width"])
         ious = data["predicted_iou"].tolist()
         stabilities = data["stability_score"].tolist()
