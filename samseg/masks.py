@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ BoolMask = npt.NDArray[np.bool_]
 # zlib level 1: masks are long runs of 0/1 bits, so higher levels cost several times the CPU for a few
 # percent smaller files.
 PNG_COMPRESS_LEVEL = 1
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,27 @@ def mask_filename(index: int) -> str:
 
 
 def encode_png(mask: BoolMask) -> bytes:
-    """A 1-bit PNG of the mask (white = inside); 8x smaller input to zlib than an 8-bit image."""
+    """A 1-bit grayscale PNG of the mask (white = inside), written directly.
+
+    The format needs only IHDR, one zlib stream of rows (each prefixed by filter type 0) and IEND; doing
+    it here is ~8x faster than Pillow's encoder, and zlib releases the GIL, so masks encode in parallel.
+    """
     height, width = mask.shape
-    packed = np.packbits(mask, axis=1)
-    image = Image.frombytes("1", (width, height), packed.tobytes())
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+    rows = np.zeros((height, (width + 7) // 8 + 1), dtype=np.uint8)  # column 0: the filter byte
+    rows[:, 1:] = np.packbits(mask, axis=1)  # MSB first, as PNG stores 1-bit pixels
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"".join(
+        (
+            PNG_SIGNATURE,
+            _chunk(b"IHDR", header),
+            _chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_COMPRESS_LEVEL)),
+            _chunk(b"IEND", b""),
+        )
+    )
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def decode_png(data: bytes) -> BoolMask:

@@ -66,18 +66,20 @@ class Segmenter:
             return self._generators[points_per_batch]
 
     def warm_up(self) -> float:
-        """One small inference so the first job does not pay for lazy initialisation (and compilation)."""
+        """One inference through the generator jobs will use, so the first job pays no lazy set-up.
+
+        It must be that same cached generator: with SAMSEG_AMG_COMPILE a new instance compiles again.
+        """
         started = time.perf_counter()
         image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
         with self._lock, self.torch.inference_mode():
-            generator = self._make_generator(self.settings.amg_points_per_batch, points_per_side=2)
-            generator.generate(image)
+            self.generator(self.settings.amg_points_per_batch).generate(image)
         return time.perf_counter() - started
 
-    def _make_generator(self, points_per_batch: int, points_per_side: int | None = None) -> MaskGenerator:
+    def _make_generator(self, points_per_batch: int) -> MaskGenerator:
         s = self.settings
         params: dict[str, Any] = {
-            "points_per_side": points_per_side or s.amg_points_per_side,
+            "points_per_side": s.amg_points_per_side,
             "points_per_batch": points_per_batch,
             "pred_iou_thresh": s.amg_pred_iou_thresh,
             "stability_score_thresh": s.amg_stability_score_thresh,

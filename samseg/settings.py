@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ModelName = Literal["sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large"]
@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     sam2_model: ModelName = "sam2.1_hiera_tiny"
     sam2_checkpoint: Path | None = None
     device: str = "auto"
-    amg_impl: AmgImpl = "upstream"
+    amg_impl: AmgImpl = "fast"
     amg_points_per_side: int = Field(32, ge=1, le=128)
     amg_points_per_batch: int = Field(64, ge=1, le=4096)
     amg_pred_iou_thresh: float = Field(0.8, ge=0.0, le=1.0)
@@ -85,6 +85,16 @@ class Settings(BaseSettings):
     # --- logging ---------------------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool | None = None
+
+    @model_validator(mode="after")
+    def _check_amg_modes(self) -> Settings:
+        if self.amg_int8 and self.amg_half:
+            raise ValueError("SAMSEG_AMG_INT8 and SAMSEG_AMG_HALF cannot both be on (int8 is a CPU mode)")
+        if self.amg_impl == "upstream" and (self.amg_int8 or self.amg_compile or self.amg_half or self.amg_prune):
+            raise ValueError("SAMSEG_AMG_INT8/COMPILE/HALF/PRUNE apply to SAMSEG_AMG_IMPL=fast only")
+        if self.amg_int8 and self.device.startswith("cuda"):
+            raise ValueError("SAMSEG_AMG_INT8 is a CPU mode; it cannot run with SAMSEG_DEVICE=cuda")
+        return self
 
     @field_validator("allowed_image_hosts", mode="before")
     @classmethod

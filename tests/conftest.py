@@ -158,6 +158,9 @@ def make_stack(moto_url: str, tiny_checkpoint: Path, tmp_path: Path, request: py
             "SAMSEG_CALLBACK_BACKOFF_MAX_SECONDS": "1",
             "SAMSEG_VISIBILITY_TIMEOUT_SECONDS": "120",
             "SAMSEG_LOG_JSON": "true",
+            # Warm-up at worker start costs an image-encoder pass per worker; tests/test_health_metrics.py
+            # turns it on where readiness is under test, everywhere else the first job loads the model.
+            "SAMSEG_PRELOAD_MODEL": "false",
             "OMP_NUM_THREADS": "2",
             **overrides,
         }

@@ -25,7 +25,11 @@ def _healthcheck(env, *extra):
 
 def test_worker_is_ready_only_after_model_warm_up_and_unhealthy_once_dead(make_stack, tmp_path):
     heartbeat = tmp_path / "hb.json"
-    stack = make_stack(SAMSEG_WORKER_HEARTBEAT_FILE=str(heartbeat), SAMSEG_WORKER_HEARTBEAT_INTERVAL_SECONDS="1")
+    stack = make_stack(
+        SAMSEG_WORKER_HEARTBEAT_FILE=str(heartbeat),
+        SAMSEG_WORKER_HEARTBEAT_INTERVAL_SECONDS="1",
+        SAMSEG_PRELOAD_MODEL="true",
+    )
     assert _healthcheck(stack.env).returncode == 1  # no worker yet
     worker = stack.start_worker()
     worker.wait_for_output('"model_ready"', 120)

@@ -39,7 +39,7 @@ def test_defaults():
     assert s.sam2_checkpoint is None
     assert s.checkpoint_path == Path("weights") / "sam2.1_hiera_tiny.pt"
     assert s.device == "auto"
-    assert s.amg_impl == "upstream"
+    assert s.amg_impl == "fast"
     # SAM2AutomaticMaskGenerator's own defaults.
     assert (
         s.amg_points_per_side,

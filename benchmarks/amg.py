@@ -1,0 +1,329 @@
+"""Benchmark samseg's FastMaskGenerator against upstream SAM2AutomaticMaskGenerator (issue 5).
+
+Runs upstream and every samseg mode on the same model, weights and images in one process and prints
+one table: seconds per image (median over images x repeats), peak memory, number of masks,
+agreement with upstream and PNG persist time.
+
+Real SAM-2 weights and photos are not available here, so the model is randomly initialised
+(`samseg.models.write_random_checkpoint`) and the images are deterministic synthetic scenes.
+Random weights predict IoU ~0.5 and near-zero, noisy logits (stability ~0), so SAM-2's default
+thresholds keep ~0 masks: that regime measures the decoder; the "filters off" regime
+(pred_iou_thresh=0, stability_score_thresh=0, box_nms_thresh=1.0) keeps every candidate and is the
+meaningful load test for the post-processing.
+
+Default run (< 15 min on 2 CPU cores):  python benchmarks/amg.py
+Issue-5 targets (CPU, tiny, 1024x768, 32x32 default / 16x16 filters off):
+    python benchmarks/amg.py --sizes 1024x768 --points-per-side 32 --off-points-per-side 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+ALL_MODES = ("upstream", "samseg", "int8", "compile", "half", "prune")
+FILTERS_OFF = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
+TARGET_CMD = "python benchmarks/amg.py --sizes 1024x768 --points-per-side 32 --off-points-per-side 16"
+
+
+# ---- images ----------------------------------------------------------------------------------------
+def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Shapes (rectangles, discs, a triangle) on a two-way colour gradient; deterministic per seed."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.empty((height, width, 3), np.float32)
+    img[..., 0] = 40 + 150 * xx / width
+    img[..., 1] = 60 + 120 * yy / height
+    img[..., 2] = 110 + 60 * (xx + yy) / (width + height)
+    for _ in range(8):
+        color = rng.integers(0, 256, 3)
+        kind = rng.integers(0, 3)
+        cx, cy = rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height
+        r = rng.uniform(0.05, 0.2) * min(width, height)
+        if kind == 0:
+            sel = (abs(xx - cx) < r * 1.4) & (abs(yy - cy) < r)
+        elif kind == 1:
+            sel = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+        else:
+            sel = (yy > cy - r) & (abs(xx - cx) < (yy - (cy - r)) * 0.6) & (yy < cy + r)
+        img[sel] = color
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def load_images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
+    if args.images:
+        from PIL import Image
+
+        paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        return [(p.name, np.asarray(Image.open(p).convert("RGB"))) for p in paths]
+    out = []
+    for i, size in enumerate(args.sizes.split(",")):
+        w, h = (int(v) for v in size.lower().split("x"))
+        out.append((f"{w}x{h}", synthetic_image(w, h, seed=i)))
+    return out
+
+
+# ---- measurement -----------------------------------------------------------------------------------
+class PeakRss:
+    """Peak resident memory above the pre-call level, sampled every 2 ms from /proc/self/statm.
+
+    ru_maxrss is a process-lifetime high-water mark and cannot separate modes run in one process;
+    tracemalloc does not see torch's allocator. On CUDA the device's max_memory_allocated is used.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def measure(self, fn: Callable[[], Any]) -> tuple[Any, float, int]:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            result = fn()
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            return result, elapsed, torch.cuda.max_memory_allocated() - base
+        base = self._rss()
+        peak = [base]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], self._rss())
+                time.sleep(0.002)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        finally:
+            elapsed = time.perf_counter() - t0
+            stop.set()
+            thread.join()
+        peak[0] = max(peak[0], self._rss())
+        return result, elapsed, peak[0] - base
+
+
+def agreement(ref: list[dict[str, Any]], out: list[dict[str, Any]]) -> list[float]:
+    """IoU of masks paired after sorting each list by area (torchao's SAM-2 AMG comparison)."""
+    a = sorted(ref, key=lambda r: r["area"])
+    b = sorted(out, key=lambda r: r["area"])
+    ious = []
+    for ra, rb in zip(a, b, strict=False):
+        sa, sb = ra["segmentation"], rb["segmentation"]
+        union = int(np.count_nonzero(sa | sb))
+        ious.append(int(np.count_nonzero(sa & sb)) / union if union else 1.0)
+    return ious
+
+
+def persist_seconds(records: list[dict[str, Any]]) -> float:
+    """Time to write the masks as 1-bit PNGs (samseg.masks.write_mask_pngs when present)."""
+    if not records:
+        return 0.0
+    from samseg.masks import write_mask_pngs
+
+    masks = np.stack([r["segmentation"] for r in records])
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        write_mask_pngs(masks, Path(tmp))
+        return time.perf_counter() - t0
+
+
+@dataclass
+class Row:
+    regime: str
+    image: str
+    mode: str
+    points: int
+    seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # process CPU time (all threads)
+    peak: list[int] = field(default_factory=list)
+    masks: list[int] = field(default_factory=list)
+    ious: list[float] = field(default_factory=list)
+    count_differs: int = 0
+    images: int = 0
+    persist: list[float] = field(default_factory=list)
+    breakdown: dict[str, float] = field(default_factory=dict)
+
+
+def make_generator(mode: str, model: Any, pps: int, thresholds: dict[str, Any]) -> Any:
+    if mode == "upstream":
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+        return SAM2AutomaticMaskGenerator(model, points_per_side=pps, points_per_batch=64, **thresholds)
+    from samseg.amg import FastMaskGenerator
+
+    flags: dict[str, Any] = {m: mode == m for m in ("int8", "compile", "half", "prune")}
+    return FastMaskGenerator(model, points_per_side=pps, points_per_batch=64, **thresholds, **flags)
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    import torch
+
+    from samseg.models import build_model, write_random_checkpoint
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = Path(args.checkpoint) if args.checkpoint else Path(args.cache) / f"{args.model}-seed{args.seed}.pt"
+    if not ckpt.is_file():
+        print(f"# writing random checkpoint {ckpt}", flush=True)
+        write_random_checkpoint(args.model, ckpt, args.seed)
+    model = build_model(args.model, ckpt, args.device)
+    images = load_images(args)
+    modes = [m for m in args.modes.split(",") if m]
+    if "upstream" not in modes:
+        modes.insert(0, "upstream")
+    if args.device.startswith("cuda") and "int8" in modes:
+        modes.remove("int8")  # dynamic int8 quantisation is CPU-only
+    meter = PeakRss(args.device)
+    rows: list[Row] = []
+    regimes = [r for r in args.regimes.split(",") if r]
+    for regime in regimes:
+        thresholds = {} if regime == "default" else dict(FILTERS_OFF)
+        pps = args.points_per_side if regime == "default" else args.off_points_per_side
+        if args.warmup and regime == regimes[0]:
+            # Warm timing: the first calls of a process pay lazy init (oneDNN primitives, allocator).
+            # A 2x2-point run of each generator family is enough; compile warms up in its constructor.
+            for mode in ("upstream", "samseg"):
+                make_generator(mode, model, 2, thresholds).generate(images[0][1][:128, :128].copy())
+        gens: dict[str, Any] = {}
+        for mode in modes:
+            t0 = time.perf_counter()
+            gens[mode] = make_generator(mode, model, pps, thresholds)
+            setup = time.perf_counter() - t0
+            print(f"# {regime}: {mode} ready (constructor {setup:.1f}s)", flush=True)
+        for name, image in images:
+            reference: list[dict[str, Any]] = []
+            for rep in range(args.repeats):  # modes interleaved per repeat: load drifts hit all alike
+                for mode in modes:
+                    row = next((r for r in rows if (r.regime, r.image, r.mode) == (regime, name, mode)), None)
+                    if row is None:
+                        row = Row(regime, name, mode, pps * pps)
+                        rows.append(row)
+                    cpu0 = time.process_time()
+                    out, secs, peak = meter.measure(functools.partial(gens[mode].generate, image))
+                    row.cpu.append(time.process_time() - cpu0)
+                    row.seconds.append(secs)
+                    row.peak.append(peak)
+                    if rep == 0:
+                        row.images += 1
+                        row.masks.append(len(out))
+                        if mode == "upstream":
+                            reference = out
+                        else:
+                            row.ious.extend(agreement(reference, out))
+                            row.count_differs += int(len(out) != len(reference))
+                        if not args.no_persist:
+                            row.persist.append(persist_seconds(out))
+                        if hasattr(gens[mode], "timings"):
+                            row.breakdown = dict(gens[mode].timings)
+                    print(
+                        f"#   {regime} {name} {mode}: {secs:.2f}s wall, {row.cpu[-1]:.2f}s CPU, {len(out)} masks",
+                        flush=True,
+                    )
+                    del out
+    return rows
+
+
+def table(rows: list[Row], args: argparse.Namespace) -> str:
+    mem = "peak GPU alloc" if args.device.startswith("cuda") else "peak RSS delta"
+    head = (
+        f"| regime | image | points | mode | s/image (median) | speed-up | CPU s/image | CPU speed-up | "
+        f"{mem} (MiB) | masks | "
+        "mean IoU vs upstream | images w/ count diff | PNG persist (s) | samseg breakdown (s) |"
+    )
+    lines = [head, "|" + "---|" * 14]
+    base: dict[tuple[str, str], float] = {}
+    base_cpu: dict[tuple[str, str], float] = {}
+    for r in rows:
+        med = statistics.median(r.seconds)
+        cpu = statistics.median(r.cpu)
+        if r.mode == "upstream":
+            base[(r.regime, r.image)] = med
+            base_cpu[(r.regime, r.image)] = cpu
+        speed = base.get((r.regime, r.image), float("nan")) / med
+        cpu_speed = base_cpu.get((r.regime, r.image), float("nan")) / cpu
+        miou = f"{statistics.fmean(r.ious):.4f}" if r.ious else ("-" if r.mode == "upstream" else "n/a (0 masks)")
+        bd = r.breakdown
+        brk = (
+            f"enc {bd['encode']:.1f} / tr {bd['transformer']:.1f} / up {bd['upscale']:.1f} / full {bd['full_res']:.1f}"
+            if bd
+            else ""
+        )
+        persist = f"{statistics.median(r.persist):.2f}" if r.persist else "-"
+        diff = "-" if r.mode == "upstream" else f"{r.count_differs}/{r.images}"
+        lines.append(
+            f"| {r.regime} | {r.image} | {r.points} | {r.mode} | {med:.2f} | {speed:.2f}x | "
+            f"{cpu:.1f} | {cpu_speed:.2f}x | "
+            f"{max(r.peak) / 2**20:.0f} | {statistics.median(r.masks):.0f} | {miou} | {diff} | {persist} | {brk} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sam2.1_hiera_tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint", help="checkpoint to load; default: a random one written under --cache")
+    p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "samseg-bench"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", default="512x384,1024x768", help="synthetic WxH,... (full: 512x384,1024x768,1500x1000)")
+    p.add_argument("--images", help="directory of .jpg/.png images instead of synthetic ones")
+    p.add_argument("--points-per-side", type=int, default=16, help="grid for the default-threshold regime")
+    p.add_argument("--off-points-per-side", type=int, default=8, help="grid for the filters-off regime")
+    p.add_argument("--regimes", default="default,off", help="default: SAM-2 thresholds; off: all filters off")
+    p.add_argument("--modes", default=",".join(ALL_MODES))
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per image (median reported)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="time cold first calls too")
+    p.add_argument("--no-persist", action="store_true", help="skip the PNG persist timing")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit without building anything")
+    args = p.parse_args(argv)
+    print(f"# samseg AMG benchmark {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC: {' '.join(sys.argv)}")
+    print(
+        f"# model {args.model} (random weights, seed {args.seed}) on {args.device}; regimes {args.regimes}; "
+        f"points {args.points_per_side}^2 (default) / {args.off_points_per_side}^2 (off); modes {args.modes}"
+    )
+    print(
+        "# random weights: default thresholds keep ~0 masks (pred IoU ~0.5, stability ~0); the filters-off "
+        "regime is the load test"
+    )
+    print(f"# issue-5 targets: {TARGET_CMD}")
+    if args.dry_run:
+        return 0
+    rows = run(args)
+    print()
+    print(table(rows, args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
