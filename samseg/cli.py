@@ -195,16 +195,16 @@ def cmd_segment(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --- up ------------------------------------------------------------------------------------------------------
-# Measured on a 2-core x86_64 machine with sam2.1_hiera_tiny and upstream's generator (see README,
-# "Performance"): ~3 s for the image encoder plus ~0.1 s per grid point in the mask decoder.
+# Measured on a 2-core x86_64 machine with sam2.1_hiera_tiny (README, "Performance"): ~3 s for the image
+# encoder plus, per grid point, ~0.1 s in upstream's generator and ~0.03 s in samseg's.
 CPU_ENCODER_SECONDS = 3.0
-CPU_DECODER_SECONDS_PER_POINT = 0.1
+CPU_SECONDS_PER_POINT = {"upstream": 0.1, "fast": 0.03}
 CPU_DEFAULT_POINTS_PER_SIDE = 16
 
 
-def estimate_cpu_seconds(points_per_side: int, cores: int) -> float:
+def estimate_cpu_seconds(points_per_side: int, cores: int, impl: str) -> float:
     scale = 2 / max(1, cores)
-    return (CPU_ENCODER_SECONDS + CPU_DECODER_SECONDS_PER_POINT * points_per_side**2) * scale
+    return (CPU_ENCODER_SECONDS + CPU_SECONDS_PER_POINT[impl] * points_per_side**2) * scale
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -276,7 +276,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         and "SAMSEG_AMG_POINTS_PER_SIDE" not in os.environ
         and not _in_dotenv("SAMSEG_AMG_POINTS_PER_SIDE")
     ):
-        # Upstream's 32x32 grid costs ~2 minutes per image on 2 cores; 16x16 keeps a job under a minute.
+        # SAM-2's 32x32 grid costs ~30 s per image on 2 cores (2 minutes with upstream's generator);
+        # 16x16 keeps a job around 10 s, which keeps a laptop demo interactive.
         overrides["SAMSEG_AMG_POINTS_PER_SIDE"] = str(CPU_DEFAULT_POINTS_PER_SIDE)
     env |= overrides
     os.environ |= overrides
@@ -362,10 +363,12 @@ def _print_banner(settings: Settings, device: str, args: argparse.Namespace) -> 
         f"  model: {settings.sam2_model} on {device}, {n}x{n} points, generator: {settings.amg_impl}",
     ]
     if device == "cpu":
-        seconds = estimate_cpu_seconds(n, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        seconds = estimate_cpu_seconds(n, cores, settings.amg_impl)
+        full = estimate_cpu_seconds(32, cores, settings.amg_impl)
         lines.append(
-            f"  CPU only: expect roughly {seconds:.0f} s per image on {os.cpu_count()} cores "
-            f"(tiny model, upstream generator); SAMSEG_AMG_POINTS_PER_SIDE=32 is SAM-2's default and ~4x slower."
+            f"  CPU only: expect roughly {seconds:.0f} s per image on {cores} cores (tiny model, {settings.amg_impl} "
+            f"generator); SAM-2's default SAMSEG_AMG_POINTS_PER_SIDE=32 would take ~{full:.0f} s."
         )
     example = json.dumps({"uuid": "demo-1", "image_url": "https://example.com/photo.jpg"})
     lines += [
