@@ -64,7 +64,8 @@ beat_schedule = {
     "purge-old-assets": {
         "task": "samseg.purge",
         "schedule": _s.cleanup_interval_seconds,
-        "options": {"queue": _s.io_queue, "expires": _s.cleanup_interval_seconds},
+        # A purge nobody ran within a period is superseded by the next one (at least 5 min of slack).
+        "options": {"queue": _s.io_queue, "expires": max(300.0, _s.cleanup_interval_seconds)},
     }
 }
 beat_schedule_filename = str(_s.state_dir / "celerybeat-schedule")

@@ -11,10 +11,13 @@ from typing import Any
 import structlog
 from celery import Celery, signals
 
+from samseg import sqs_transport_fix
 from samseg.logs import bind_job, configure_logging, unbind_job
 from samseg.settings import get_settings
 
 log = structlog.get_logger(__name__)
+
+sqs_transport_fix.apply(raw_queues=frozenset({get_settings().jobs_queue}))
 
 app = Celery("samseg", include=["samseg.pipeline"])
 app.config_from_object("celeryconfig")
@@ -123,6 +126,7 @@ def _worker_init(**_: Any) -> None:
     from samseg.visibility import check_visibility
 
     settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)  # worker_init comes before setup_logging
     reset_health(settings.worker_heartbeat_file)
     AssetStore(settings.assets_dir).ensure_layout()
     try:

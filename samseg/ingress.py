@@ -42,6 +42,8 @@ def raw_body(body: Any, message: Message) -> str:
     raw = sqs_message.get("Body")
     if isinstance(raw, str):
         return raw
+    if body is None:
+        body = message.body
     if isinstance(body, bytes):
         return body.decode("utf-8", errors="replace")
     return body if isinstance(body, str) else json.dumps(body)
@@ -152,5 +154,8 @@ class IngressStep(bootsteps.ConsumerStep):  # type: ignore[misc]
         if not self.enabled:
             return []
         queue = Queue(self.settings.jobs_queue, no_declare=False)
+        handler = IngressHandler(self.settings)
         log.info("ingress_consuming", queue=self.settings.jobs_queue)
-        return [Consumer(channel, queues=[queue], callbacks=[IngressHandler(self.settings)], accept=None)]
+        # on_message hands over the undecoded message (bodies are parsed by samseg, never by kombu), so a
+        # body kombu cannot decode still reaches the handler and is dead-lettered instead of raising.
+        return [Consumer(channel, queues=[queue], on_message=lambda message: handler(None, message), accept=None)]

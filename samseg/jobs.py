@@ -28,6 +28,11 @@ class JobStore:
             return None
         return JobStatus.model_validate(result)
 
+    def in_progress(self, uuid: str) -> bool:
+        """Queued or running: its work files and claim must outlive any purge age (see AssetStore.purge)."""
+        status = self.get(uuid)
+        return status is not None and status.status in (JobState.QUEUED, JobState.RUNNING)
+
     def put(self, status: JobStatus) -> None:
         self.app.backend.store_result(
             KEY_PREFIX + status.uuid, status.model_dump(mode="json"), status.status.value.upper()

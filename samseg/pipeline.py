@@ -100,7 +100,8 @@ def download(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     bind=True,
     throws=(JobError,),
     time_limit=settings.segment_time_limit_seconds,
-    soft_time_limit=max(5, settings.segment_time_limit_seconds - 30),
+    # The soft limit leaves the task time to fail cleanly (status, callback) before the hard kill.
+    soft_time_limit=max(0.8 * settings.segment_time_limit_seconds, settings.segment_time_limit_seconds - 30),
 )
 def segment(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
@@ -233,6 +234,7 @@ def purge() -> list[str]:
     removed = store.purge(
         settings.asset_ttl_seconds,
         work_max_age_seconds=settings.asset_ttl_seconds + settings.visibility_timeout_seconds,
+        in_progress=jobs.in_progress,
     )
     log.info("assets_purged", removed=len(removed), ttl_seconds=settings.asset_ttl_seconds)
     return removed

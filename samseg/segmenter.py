@@ -17,7 +17,7 @@ import numpy.typing as npt
 import structlog
 
 from samseg.errors import JobError
-from samseg.models import build_model
+from samseg.models import ModelLoadError, build_model
 from samseg.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -170,7 +170,8 @@ def get_segmenter(settings: Settings) -> Segmenter:
                 _instance = Segmenter(settings)
             except JobError:
                 raise
-            except Exception as exc:
+            except (ModelLoadError, RuntimeError, OSError, ValueError, ImportError) as exc:
+                # Narrow on purpose: Celery's SoftTimeLimitExceeded must pass through as a timeout.
                 raise JobError("model_unavailable", f"the SAM-2 model could not be loaded: {exc}") from exc
             _instance_pid = os.getpid()
         return _instance

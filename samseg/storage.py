@@ -32,6 +32,7 @@ from samseg.contracts import UUID_PATTERN
 log = structlog.get_logger(__name__)
 
 MASK_DIR = "mask_images"
+SQS_MAX_RETENTION_SECONDS = 14 * 24 * 3600
 RESULT_FILE = "result.json"
 
 
@@ -109,8 +110,18 @@ class AssetStore:
     def discard_work(self, uuid: str) -> None:
         _remove(self.work_dir(uuid))
 
-    def purge(self, max_age_seconds: float, work_max_age_seconds: float, now: float | None = None) -> list[str]:
-        """Delete job folders older than max_age and leftovers of jobs that never finished."""
+    def purge(
+        self,
+        max_age_seconds: float,
+        work_max_age_seconds: float,
+        now: float | None = None,
+        in_progress: Callable[[str], bool] = lambda _uuid: False,
+    ) -> list[str]:
+        """Delete job folders older than max_age and leftovers of jobs that never finished.
+
+        Work files and claims of a job `in_progress` stay whatever their age (a job may wait in a GPU
+        backlog for hours), up to SQS's longest message retention, after which no message can revive it.
+        """
         now = time.time() if now is None else now
         removed: list[str] = []
         if not self.root.is_dir():
@@ -121,14 +132,18 @@ class AssetStore:
             if now - entry.stat(follow_symlinks=False).st_mtime > max_age_seconds:
                 _remove(Path(entry.path))
                 removed.append(entry.name)
-        # Work and staging folders of jobs in flight are young; only abandoned ones get this old.
+        # Staging and trash folders live for seconds; work files and claims as long as their job is alive.
         for folder in (self.work_root, self.staging_root, self.trash_root, self.claims_root):
             if not folder.is_dir():
                 continue
+            keyed = folder in (self.work_root, self.claims_root)
             for entry in os.scandir(folder):
                 age = now - entry.stat(follow_symlinks=False).st_mtime
-                if age > work_max_age_seconds:
-                    _remove(Path(entry.path))
+                if age <= work_max_age_seconds:
+                    continue
+                if keyed and age < SQS_MAX_RETENTION_SECONDS and in_progress(entry.name.lstrip(".")):
+                    continue
+                _remove(Path(entry.path))
         return removed
 
 
