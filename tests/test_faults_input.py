@@ -572,8 +572,8 @@ def _pitfall_bodies(url: str) -> dict[str, tuple[str, str]]:
     }
 
 
-# Found by the test below (fixed in samseg/sqs_transport_fix.py). Where it was: kombu/transport/SQS/__init__.py Channel._message_to_python (json-loads every
-# body and, when it has a top-level "properties" key, uses it as kombu's own envelope: _prepare_json_payload,
+# Found by the test below (fixed in samseg/sqs_transport_fix.py). Where it was:
+# kombu/transport/SQS/__init__.py Channel._message_to_python (json-loads every body and, when it has a top-level "properties" key, uses it as kombu's own envelope: _prepare_json_payload,
 # _envelope_payload), then kombu.messaging.Consumer._receive_callback → Message.decode(), because
 # samseg/ingress.py IngressStep.get_consumers builds `Consumer(..., callbacks=[handler])` with neither
 # on_message nor on_decode_error. RecursionError / AttributeError / ContentDisallowed / DecodeError escape into
