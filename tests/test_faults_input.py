@@ -572,13 +572,11 @@ def _pitfall_bodies(url: str) -> dict[str, tuple[str, str]]:
     }
 
 
-# Found by the test below (fixed in samseg/sqs_transport_fix.py). Where it was:
-# kombu/transport/SQS/__init__.py Channel._message_to_python (json-loads every body and, when it has a top-level "properties" key, uses it as kombu's own envelope: _prepare_json_payload,
-# _envelope_payload), then kombu.messaging.Consumer._receive_callback → Message.decode(), because
-# samseg/ingress.py IngressStep.get_consumers builds `Consumer(..., callbacks=[handler])` with neither
-# on_message nor on_decode_error. RecursionError / AttributeError / ContentDisallowed / DecodeError escape into
-# Celery's event loop: "Unrecoverable error", the worker process exits with 1, and the unacknowledged message
-# is received again after the visibility timeout by the next worker.
+# Found by the test below (fixed in samseg/sqs_transport_fix.py). kombu's SQS Channel._message_to_python
+# json-loads every body and takes a top-level "properties" key for its own envelope (_prepare_json_payload,
+# _envelope_payload); then kombu.messaging.Consumer._receive_callback calls Message.decode(). RecursionError,
+# AttributeError, ContentDisallowed or DecodeError escaped into Celery's event loop: "Unrecoverable error",
+# the worker exited with 1, and the unacknowledged message came back after the visibility timeout.
 @pytest.mark.parametrize("case", list(_pitfall_bodies("http://x")))
 def test_kombu_envelope_pitfalls_do_not_kill_the_worker(case, make_stack, http_server, app_server, tmp_path):
     """Fault: one jobs-queue body that kombu's SQS transport would take for (or choke on as) its own message
