@@ -124,47 +124,55 @@ class Stack:
             proc.stop()
 
 
+def new_stack(moto_url: str, checkpoint: Path, root: Path, prefix: str, **overrides: str) -> Stack:
+    """An isolated deployment's environment: queues named with `prefix`, files under `root`."""
+    assets = root / "assets"
+    (root / "run").mkdir(parents=True, exist_ok=True)
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("SAMSEG_", "AWS_"))}
+    env = {
+        **inherited,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO),
+        "AWS_ENDPOINT_URL_SQS": moto_url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "SAMSEG_QUEUE_PREFIX": prefix,
+        "SAMSEG_JOBS_QUEUE": f"{prefix}jobs",
+        "SAMSEG_ASSETS_DIR": str(assets),
+        "SAMSEG_SAM2_MODEL": "sam2.1_hiera_tiny",
+        "SAMSEG_SAM2_CHECKPOINT": str(checkpoint),
+        "SAMSEG_DEVICE": "cpu",
+        # Random weights: predicted IoU ~0.5 and stability ~0, and near-identical masks, so every
+        # filter is off and a small grid keeps the job at a few seconds.
+        "SAMSEG_AMG_POINTS_PER_SIDE": "4",
+        "SAMSEG_AMG_POINTS_PER_BATCH": "16",
+        "SAMSEG_AMG_PRED_IOU_THRESH": "0",
+        "SAMSEG_AMG_STABILITY_SCORE_THRESH": "0",
+        "SAMSEG_AMG_BOX_NMS_THRESH": "1.0",
+        "SAMSEG_ALLOW_PRIVATE_NETWORKS": "true",  # the image server is on loopback
+        "SAMSEG_CALLBACK_BACKOFF_SECONDS": "0.2",
+        "SAMSEG_CALLBACK_BACKOFF_MAX_SECONDS": "1",
+        "SAMSEG_VISIBILITY_TIMEOUT_SECONDS": "120",
+        "SAMSEG_LOG_JSON": "true",
+        # Warm-up at worker start costs an image-encoder pass per worker; tests/test_health_metrics.py
+        # turns it on where readiness is under test, everywhere else the first job loads the model.
+        "SAMSEG_PRELOAD_MODEL": "false",
+        # Not the shared /tmp default: another stack's health check must not see this worker.
+        "SAMSEG_WORKER_HEARTBEAT_FILE": str(root / "run" / "heartbeat"),
+        "OMP_NUM_THREADS": "2",
+        **overrides,
+    }
+    return Stack(env=env, assets=assets, log_dir=root)
+
+
 @pytest.fixture
 def make_stack(moto_url: str, tiny_checkpoint: Path, tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     stacks: list[Stack] = []
 
     def factory(**overrides: str) -> Stack:
-        prefix = f"t{os.getpid()}x{next(_counter)}-"
-        assets = tmp_path / f"assets{len(stacks)}"
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("SAMSEG_", "AWS_"))}
-        env = {
-            **inherited,
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": str(REPO),
-            "AWS_ENDPOINT_URL_SQS": moto_url,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_REGION": "us-east-1",
-            "SAMSEG_QUEUE_PREFIX": prefix,
-            "SAMSEG_JOBS_QUEUE": f"{prefix}jobs",
-            "SAMSEG_ASSETS_DIR": str(assets),
-            "SAMSEG_SAM2_MODEL": "sam2.1_hiera_tiny",
-            "SAMSEG_SAM2_CHECKPOINT": str(tiny_checkpoint),
-            "SAMSEG_DEVICE": "cpu",
-            # Random weights: predicted IoU ~0.5 and stability ~0, and near-identical masks, so every
-            # filter is off and a small grid keeps the job at a few seconds.
-            "SAMSEG_AMG_POINTS_PER_SIDE": "4",
-            "SAMSEG_AMG_POINTS_PER_BATCH": "16",
-            "SAMSEG_AMG_PRED_IOU_THRESH": "0",
-            "SAMSEG_AMG_STABILITY_SCORE_THRESH": "0",
-            "SAMSEG_AMG_BOX_NMS_THRESH": "1.0",
-            "SAMSEG_ALLOW_PRIVATE_NETWORKS": "true",  # the image server is on loopback
-            "SAMSEG_CALLBACK_BACKOFF_SECONDS": "0.2",
-            "SAMSEG_CALLBACK_BACKOFF_MAX_SECONDS": "1",
-            "SAMSEG_VISIBILITY_TIMEOUT_SECONDS": "120",
-            "SAMSEG_LOG_JSON": "true",
-            # Warm-up at worker start costs an image-encoder pass per worker; tests/test_health_metrics.py
-            # turns it on where readiness is under test, everywhere else the first job loads the model.
-            "SAMSEG_PRELOAD_MODEL": "false",
-            "OMP_NUM_THREADS": "2",
-            **overrides,
-        }
-        stack = Stack(env=env, assets=assets, log_dir=tmp_path)
+        root = tmp_path / f"stack{len(stacks)}"
+        stack = new_stack(moto_url, tiny_checkpoint, root, f"t{os.getpid()}x{next(_counter)}-", **overrides)
         stacks.append(stack)
         return stack
 

@@ -38,8 +38,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import Stack
-from tests.support import REPO, VENV_BIN, LoopbackServer, Proc, Route, free_port, scene_png
+from tests.conftest import Stack, new_stack
+from tests.support import LoopbackServer, Proc, Route, free_port, scene_png
 
 pytestmark = pytest.mark.slow
 
@@ -82,43 +82,8 @@ class Deployment:
 
 
 def stack_env(moto_url: str, checkpoint: Path, root: Path, **overrides: str) -> Stack:
-    """The same environment conftest's make_stack builds, for a module-scoped stack under `root`."""
-    prefix = f"fi{os.getpid()}x{next(_seq)}-"
-    assets = root / "assets"
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("SAMSEG_", "AWS_"))}
-    env = {
-        **inherited,
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(REPO),
-        "AWS_ENDPOINT_URL_SQS": moto_url,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "SAMSEG_QUEUE_PREFIX": prefix,
-        "SAMSEG_JOBS_QUEUE": f"{prefix}jobs",
-        "SAMSEG_ASSETS_DIR": str(assets),
-        "SAMSEG_SAM2_MODEL": "sam2.1_hiera_tiny",
-        "SAMSEG_SAM2_CHECKPOINT": str(checkpoint),
-        "SAMSEG_DEVICE": "cpu",
-        "SAMSEG_AMG_POINTS_PER_SIDE": "4",
-        "SAMSEG_AMG_POINTS_PER_BATCH": "16",
-        "SAMSEG_AMG_PRED_IOU_THRESH": "0",
-        "SAMSEG_AMG_STABILITY_SCORE_THRESH": "0",
-        "SAMSEG_AMG_BOX_NMS_THRESH": "1.0",
-        "SAMSEG_ALLOW_PRIVATE_NETWORKS": "true",
-        "SAMSEG_CALLBACK_BACKOFF_SECONDS": "0.2",
-        "SAMSEG_CALLBACK_BACKOFF_MAX_SECONDS": "1",
-        "SAMSEG_VISIBILITY_TIMEOUT_SECONDS": "120",
-        "SAMSEG_LOG_JSON": "true",
-        # No warm-up inference at start (CPU is scarce here); the model loads on the first segment.
-        "SAMSEG_PRELOAD_MODEL": "false",
-        # Not the shared /tmp default: other suites' health checks must not see this worker.
-        "SAMSEG_WORKER_HEARTBEAT_FILE": str(root / "run" / "heartbeat"),
-        "OMP_NUM_THREADS": "2",
-        **overrides,
-    }
-    (root / "run").mkdir(parents=True, exist_ok=True)
-    return Stack(env=env, assets=assets, log_dir=root)
+    """conftest's stack environment, for a module-scoped stack under `root`."""
+    return new_stack(moto_url, checkpoint, root, f"fi{os.getpid()}x{next(_seq)}-", **overrides)
 
 
 @contextlib.contextmanager
