@@ -48,9 +48,10 @@ class Claims:
     def decide(self, uuid: str, message_id: str | None, status: JobStatus | None) -> tuple[Decision, Claim]:
         self.folder.mkdir(parents=True, exist_ok=True)
         fresh = Claim(run_id=secrets.token_hex(6), message_id=message_id, published=False, created_at=time.time())
-        if status is not None and not self._rerunnable(status) and not (self.folder / uuid).exists():
-            # The claim is gone (purged) but the job is alive or done: still a duplicate.
-            return Decision.DUPLICATE, Claim(status.run_id or "", None, True, status.updated_at)
+        if status is not None and status.run_id and not self._rerunnable(status) and not (self.folder / uuid).exists():
+            # The claim is gone (purged) but a run of this job is alive or done: still a duplicate. (A status
+            # without a run id was written by POST /jobs before any ingress saw the message.)
+            return Decision.DUPLICATE, Claim(status.run_id, None, True, status.updated_at)
         if self._create(uuid, fresh):
             return Decision.RUN, fresh
         existing = self.read(uuid)

@@ -56,22 +56,19 @@ def build_chain(job: JobMessage, run_id: str) -> Any:
     ).on_error(on_job_error.s())
 
 
-def _replay(job: dict[str, Any]) -> bool:
-    """True for a stage message SQS delivered again after its run had already finished: pass it through.
+def enter_stage(job: dict[str, Any], stage: Stage) -> bool:
+    """Record that `stage` runs; False for a message SQS delivered again after its run had finished.
 
-    Without this, a redelivered stage would put a finished job back to `running` and fail on work files that
-    were already cleaned up, sending a conflicting `failed` callback.
+    Such a replay is passed through untouched: run again, it would put a finished job back to `running` and
+    fail on work files already cleaned up, sending a conflicting `failed` callback.
     """
     status = jobs.get(job["uuid"])
-    finished = (
-        status is not None
-        and job.get("run_id") is not None
-        and status.run_id == job.get("run_id")
-        and status.status in (JobState.COMPLETED, JobState.FAILED)
-    )
-    if finished:
-        log.info("stage_replay_skipped", run_id=job.get("run_id"), status=status.status.value if status else None)
-    return finished
+    run_id = job.get("run_id")
+    if status and run_id and status.run_id == run_id and status.status in (JobState.COMPLETED, JobState.FAILED):
+        log.info("stage_replay_skipped", run_id=run_id, status=status.status.value)
+        return False
+    jobs.set(job["uuid"], JobState.RUNNING, stage, run_id=run_id)
+    return True
 
 
 def _work_file(uuid: str, name: str) -> Path:
@@ -84,9 +81,8 @@ def _work_file(uuid: str, name: str) -> Path:
 @app.task(name="samseg.download", bind=True, throws=(JobError,))
 def download(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
-    if _replay(job):
+    if not enter_stage(job, Stage.DOWNLOAD):
         return job
-    jobs.set(uuid, JobState.RUNNING, Stage.DOWNLOAD, run_id=job.get("run_id"))
     work = store.work_dir(uuid)
     work.mkdir(parents=True, exist_ok=True)
     size = download_image(job["image_url"], work / SOURCE_FILE, settings)
@@ -105,9 +101,8 @@ def download(self: Task, job: dict[str, Any]) -> dict[str, Any]:
 )
 def segment(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
-    if _replay(job):
+    if not enter_stage(job, Stage.SEGMENT):
         return job
-    jobs.set(uuid, JobState.RUNNING, Stage.SEGMENT, run_id=job.get("run_id"))
     work = store.work_dir(uuid)
     image = load_rgb(_work_file(uuid, SOURCE_FILE), settings)
     height, width = image.shape[:2]
@@ -141,9 +136,8 @@ def segment(self: Task, job: dict[str, Any]) -> dict[str, Any]:
 @app.task(name="samseg.persist", bind=True, throws=(JobError,))
 def persist(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     uuid = job["uuid"]
-    if _replay(job):
+    if not enter_stage(job, Stage.PERSIST):
         return job
-    jobs.set(uuid, JobState.RUNNING, Stage.PERSIST, run_id=job.get("run_id"))
     with np.load(_work_file(uuid, MASKS_FILE)) as data:
         masks = unpack_masks(data["packed"], job["width"])
         ious = data["predicted_iou"].tolist()
