@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     qsub = queues.add_subparsers(dest="queues_command", required=True)
     qens = qsub.add_parser("ensure", help="create the jobs queue, its dead-letter queue and Celery's queues")
     qens.set_defaults(func=cmd_queues_ensure)
+    qsweep = qsub.add_parser(
+        "sweep-events", help="delete Flower event queues left behind by killed Flower processes (SAMSEG_EVENTS)"
+    )
+    qsweep.add_argument("--min-backlog", type=int, default=500, help="queues with at least this many messages")
+    qsweep.set_defaults(func=cmd_queues_sweep_events)
 
     health = sub.add_parser("healthcheck", help="exit 0 if healthy (for Docker HEALTHCHECK)")
     hsub = health.add_subparsers(dest="health_command", required=True)
@@ -91,6 +96,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"unknown job {args.uuid}", file=sys.stderr)
         return 1
     print(status.model_dump_json(indent=2, exclude_none=True))
+    return 0
+
+
+def cmd_queues_sweep_events(args: argparse.Namespace, settings: Settings) -> int:
+    from samseg.celery_app import app
+    from samseg.events import sweep_event_queues
+
+    for name in sweep_event_queues(app, settings, min_backlog=args.min_backlog):
+        print(f"deleted {name}")
     return 0
 
 
