@@ -13,7 +13,7 @@ from celery import Celery, signals
 
 from samseg import sqs_transport_fix
 from samseg.logs import bind_job, configure_logging, unbind_job
-from samseg.settings import get_settings
+from samseg.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
 
@@ -133,8 +133,22 @@ def _worker_init(**_: Any) -> None:
         JobQueues(settings).ensure()
     except Exception as exc:  # SQS unreachable: kombu's connection retry takes over from here
         log.warning("queues_not_ensured", error=repr(exc))
+    if settings.gpu_queue in app.amqp.queues.consume_from:
+        _ensure_weights(settings)
     for problem in check_visibility(settings):
         log.warning("visibility_timeout_too_short", problem=problem, consequence="long tasks may run twice")
+
+
+def _ensure_weights(settings: Settings) -> None:
+    """A worker that will segment has its checkpoint before it consumes (downloaded once per host, locked)."""
+    from samseg.weights import WeightsError, ensure_configured
+
+    try:
+        path = ensure_configured(settings)
+    except WeightsError as exc:
+        log.error("weights_unavailable", error=str(exc), consequence="the worker does not start")
+        raise SystemExit(1) from exc
+    log.info("weights_present", checkpoint=str(path), model=settings.sam2_model)
 
 
 @signals.worker_shutdown.connect

@@ -149,21 +149,10 @@ def cmd_weights_ensure(args: argparse.Namespace, settings: Settings) -> int:
 
 def ensure_weights(settings: Settings) -> Path | None:
     """The configured checkpoint, downloaded if it is Meta's and missing; None (after saying why) if not."""
-    from samseg.weights import WeightsError, ensure_checkpoint
+    from samseg.weights import WeightsError, ensure_configured
 
-    if settings.sam2_checkpoint is not None:
-        # A checkpoint path set by hand may be a fine-tuned model: use it as is, never replace it.
-        if settings.sam2_checkpoint.is_file():
-            return settings.sam2_checkpoint
-        print(f"error: SAMSEG_SAM2_CHECKPOINT={settings.sam2_checkpoint} does not exist", file=sys.stderr)
-        return None
     try:
-        return ensure_checkpoint(
-            settings.sam2_model,
-            settings.checkpoint_path,
-            base_url=settings.weights_base_url,
-            progress=sys.stderr.isatty(),
-        )
+        return ensure_configured(settings, progress=sys.stderr.isatty())
     except WeightsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None

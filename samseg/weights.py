@@ -25,6 +25,8 @@ import httpx
 import structlog
 from tqdm import tqdm
 
+from samseg.settings import Settings
+
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
 # Resolved from the package, not the working directory: editable installs and the Docker image both
@@ -309,3 +311,18 @@ def ensure_checkpoint(
         )  # fmt: skip
     finally:
         lock.release()
+
+
+def ensure_configured(settings: Settings, *, progress: bool = False) -> Path:
+    """The checkpoint the settings name, downloaded (locked, verified) if it is Meta's and missing.
+
+    A path set in SAMSEG_SAM2_CHECKPOINT may be a fine-tuned model: it is used as it is, never downloaded or
+    replaced, and its absence is an error.
+    """
+    if settings.sam2_checkpoint is not None:
+        if settings.sam2_checkpoint.is_file():
+            return settings.sam2_checkpoint
+        raise WeightsError(f"SAMSEG_SAM2_CHECKPOINT={settings.sam2_checkpoint} does not exist")
+    return ensure_checkpoint(
+        settings.sam2_model, settings.checkpoint_path, base_url=settings.weights_base_url, progress=progress
+    )

@@ -118,3 +118,19 @@ def _alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_segmenting_worker_refuses_to_start_without_its_checkpoint(make_stack, tmp_path):
+    """A worker that consumes the gpu queue ensures its weights before consuming; missing → it exits, saying so.
+
+    (A checkpoint path set by hand is never downloaded; Meta's download itself is tested in test_weights.py.)
+    An I/O-only worker needs no model and starts regardless.
+    """
+    stack = make_stack(SAMSEG_SAM2_CHECKPOINT=str(tmp_path / "missing.pt"))
+    gpu = stack.start(
+        "gpu-worker", str(VENV_BIN / "celery"), "-A", "samseg", "worker", "-Q", stack.env["SAMSEG_QUEUE_PREFIX"] + "gpu"
+    )
+    assert gpu.popen.wait(120) != 0
+    assert '"weights_unavailable"' in gpu.output() and "missing.pt does not exist" in gpu.output()
+    io = stack.start_worker("-Q", f"{stack.jobs_queue},{stack.env['SAMSEG_QUEUE_PREFIX']}io", name="io")
+    assert io.popen.poll() is None and '"weights_unavailable"' not in io.output()
