@@ -14,11 +14,8 @@ from typing import Any
 
 import structlog
 
-_configured = False
-
 
 def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
-    global _configured
     render_json = (not sys.stderr.isatty()) if json is None else json
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -52,7 +49,6 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "kombu"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    _configured = True
 
 
 def _celery_task_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
