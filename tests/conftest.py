@@ -17,7 +17,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.support import REPO, VENV_BIN, LoopbackServer, Proc, free_port, wait_http
+from tests.support import REPO, VENV_BIN, LoopbackServer, Proc, Route, free_port, scene_png, wait_http
 
 _counter = itertools.count()
 
@@ -51,11 +51,18 @@ def http_server() -> Iterator[LoopbackServer]:
     server.close()
 
 
+@pytest.fixture(scope="module")
+def images() -> Iterator[LoopbackServer]:
+    """A module-wide image host serving one valid PNG at /ok.png, for modules that run many jobs."""
+    server = LoopbackServer()
+    server.routes["/ok.png"] = Route(body=scene_png(), headers={"Content-Type": "image/png"})
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def app_server() -> Iterator[LoopbackServer]:
     """Stands in for the app server: records every callback and answers 200 unless told otherwise."""
-    from tests.support import Route
-
     server = LoopbackServer()
     server.default = Route(status=200, body=b"{}", headers={"Content-Type": "application/json"})
     yield server

@@ -22,9 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import REPO, LoopbackServer, Recorded, Route, free_port, scene_png
+from tests.support import REPO, LoopbackServer, Recorded, Route, free_port
 from tests.test_faults_input import (
-    PNG,
     Deployment,
     deployment,
     dump_logs_on_failure,  # noqa: F401  (autouse fixture: worker logs on failure)
@@ -86,14 +85,6 @@ SCRIPTS: dict[str, Script] = {
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def images() -> Iterator[LoopbackServer]:
-    server = LoopbackServer()
-    server.routes["/ok.png"] = Route(body=scene_png(), headers=PNG)
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

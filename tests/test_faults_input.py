@@ -357,14 +357,6 @@ PNG = {"Content-Type": "image/png"}
 
 
 @pytest.fixture(scope="module")
-def images() -> Iterator[LoopbackServer]:
-    server = LoopbackServer()
-    server.routes["/ok.png"] = Route(body=scene_png(), headers=PNG)
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def hostile() -> Iterator[HostileServer]:
     server = HostileServer()
     yield server
