@@ -23,13 +23,10 @@ broker_transport_options = {
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # keep retrying while SQS is unreachable
 
-result_backend = _s.result_backend_url
-if not _s.result_backend:
-    # The embedded default is a SQLite file in the assets volume; every process may be the first to open it.
-    _s.state_dir.mkdir(parents=True, exist_ok=True)
-result_extended = False
-result_expires = 7 * 24 * 3600  # job status outlives the assets (SAMSEG_ASSET_TTL_SECONDS) by design
-task_ignore_result = True  # chain results travel with the messages; job status has its own record
+# No result backend: chain results travel with the messages, and job status has its own store
+# (samseg.stores: SQLite or DynamoDB, every write conditional), which Celery's backends are not.
+result_backend = None
+task_ignore_result = True
 
 task_serializer = "json"
 result_serializer = "json"
@@ -68,7 +65,7 @@ beat_schedule = {
         "options": {"queue": _s.io_queue, "expires": max(300.0, _s.cleanup_interval_seconds)},
     }
 }
-beat_schedule_filename = str(_s.state_dir / "celerybeat-schedule")
+beat_schedule_filename = str(_s.state_dir / "celerybeat-schedule")  # beat's own host-local file
 beat_max_loop_interval = min(300.0, _s.cleanup_interval_seconds)
 
 timezone = "UTC"

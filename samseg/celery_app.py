@@ -6,7 +6,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from celery import Celery, signals
@@ -14,6 +14,9 @@ from celery import Celery, signals
 from samseg import sqs_transport_fix
 from samseg.logs import bind_job, configure_logging, unbind_job
 from samseg.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from samseg.stores import Stores
 
 log = structlog.get_logger(__name__)
 
@@ -122,13 +125,14 @@ def _worker_init(**_: Any) -> None:
     """Create the jobs queue, its DLQ and redrive policy before consuming (idempotent)."""
     from samseg.health import reset as reset_health
     from samseg.sqs import JobQueues
-    from samseg.storage import AssetStore
+    from samseg.stores import build_stores
     from samseg.visibility import check_visibility
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)  # worker_init comes before setup_logging
     reset_health(settings.worker_heartbeat_file)
-    AssetStore(settings.assets_dir).ensure_layout()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_stores(settings, build_stores(settings))
     try:
         JobQueues(settings).ensure()
     except Exception as exc:  # SQS unreachable: kombu's connection retry takes over from here
@@ -137,6 +141,23 @@ def _worker_init(**_: Any) -> None:
         _ensure_weights(settings)
     for problem in check_visibility(settings):
         log.warning("visibility_timeout_too_short", problem=problem, consequence="long tasks may run twice")
+
+
+def ensure_stores(settings: Settings, stores: Stores) -> None:
+    """Create the job table if missing and check the blob store; a worker that cannot reach either says why.
+
+    Neither stops the worker: an unreachable store at start is like SQS being down (each stage fails with
+    `storage_error` or retries), and refusing to start would turn a blip into a crash loop.
+    """
+    try:
+        stores.jobs.ensure()
+        log.info("job_store_ready", store=stores.jobs.backend.describe())
+    except Exception as exc:
+        log.error("job_store_unavailable", error=repr(exc), url=settings.job_store_url)
+    try:
+        log.info("blob_store_ready", store=stores.blobs.check())
+    except Exception as exc:
+        log.error("blob_store_unavailable", error=repr(exc), url=settings.storage_url or str(settings.assets_dir))
 
 
 def _ensure_weights(settings: Settings) -> None:

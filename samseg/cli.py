@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     qsub = queues.add_subparsers(dest="queues_command", required=True)
     qens = qsub.add_parser("ensure", help="create the jobs queue, its dead-letter queue and Celery's queues")
     qens.set_defaults(func=cmd_queues_ensure)
+
+    init = sub.add_parser("init", help="create queues, dead-letter queues and the job table; check the blob store")
+    init.add_argument("--create-bucket", action="store_true", help="create the S3 bucket if it does not exist (dev)")
+    init.set_defaults(func=cmd_init)
     qsweep = qsub.add_parser(
         "sweep-events", help="delete Flower event queues left behind by killed Flower processes (SAMSEG_EVENTS)"
     )
@@ -88,10 +92,9 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from samseg.celery_app import app
-    from samseg.jobs import JobStore
+    from samseg.stores import build_stores
 
-    status = JobStore(app).get(args.uuid)
+    status = build_stores(settings).jobs.status(args.uuid)
     if status is None:
         print(f"unknown job {args.uuid}", file=sys.stderr)
         return 1
@@ -121,6 +124,28 @@ def cmd_queues_ensure(args: argparse.Namespace, settings: Settings) -> int:
 
     for name, url in JobQueues(settings).ensure().items():
         print(f"{name}\t{url}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    """Everything a deployment needs before its first job: queues, DLQs, the job table (and bucket if asked)."""
+    from samseg.stores import build_stores
+
+    cmd_queues_ensure(args, settings)
+    stores = build_stores(settings)
+    if args.create_bucket and settings.storage_url:
+        from samseg.stores.blobs import S3Blobs
+
+        blobs = stores.blobs
+        assert isinstance(blobs, S3Blobs)
+        try:
+            blobs.check()
+        except Exception:
+            blobs.client.create_bucket(Bucket=blobs.bucket)
+            print(f"bucket\ts3://{blobs.bucket} created")
+    stores.jobs.ensure()
+    print(f"job store\t{stores.jobs.backend.describe()}")
+    print(f"blob store\t{stores.blobs.check()}")
     return 0
 
 
@@ -165,6 +190,7 @@ def cmd_segment(args: argparse.Namespace, settings: Settings) -> int:
     from samseg.contracts import CallbackBody, JobMessage
     from samseg.errors import JobError
     from samseg.fetch import download_image, load_rgb
+    from samseg.masks import PackedMasks, write_packed_masks
     from samseg.results import describe_segments, write_job_folder
     from samseg.segmenter import Segmenter
 
@@ -180,19 +206,23 @@ def cmd_segment(args: argparse.Namespace, settings: Settings) -> int:
                 raise JobError("image_not_found", f"{source} is not a file")
             image = load_rgb(source, settings)
             result = Segmenter(settings).segment(image)
+            height, width = image.shape[:2]
+            write_packed_masks(Path(tmp) / "masks.npy", result.masks, len(result.masks), height, width)
+            masks = PackedMasks(Path(tmp) / "masks.npy", width)
+            folder = out.resolve()
+            segments = describe_segments(
+                masks,
+                result.predicted_iou.tolist(),
+                result.stability_score.tolist(),
+                lambda i: (folder / "mask_images" / f"mask_{i:03d}.png").as_uri(),
+            )
+            body = CallbackBody(
+                uuid=args.uuid, status="completed", segments=segments, image_width=width, image_height=height
+            )
+            write_job_folder(folder, masks, body)
     except JobError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
-    folder = out.resolve()
-    segments = describe_segments(
-        result.masks,
-        result.predicted_iou.tolist(),
-        result.stability_score.tolist(),
-        lambda i: (folder / "mask_images" / f"mask_{i:03d}.png").as_uri(),
-    )
-    height, width = image.shape[:2]
-    body = CallbackBody(uuid=args.uuid, status="completed", segments=segments, image_width=width, image_height=height)
-    write_job_folder(folder, result.masks, body)
     print(f"{len(segments)} masks in {result.seconds:.1f} s → {folder}")
     return 0
 

@@ -18,11 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from samseg.settings import Settings
+
+if TYPE_CHECKING:
+    from samseg.stores import Stores
 
 log = structlog.get_logger(__name__)
 
@@ -123,13 +126,15 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 Check = Callable[[], str]
 
 
-def readiness(settings: Settings, broker_check: Check) -> tuple[bool, dict[str, dict[str, Any]]]:
+def readiness(settings: Settings, broker_check: Check, stores: Stores) -> tuple[bool, dict[str, dict[str, Any]]]:
     """Run every check; each reports ok + detail, so an operator sees all that is wrong at once."""
     checks: dict[str, Check] = {
         "broker": broker_check,
-        "assets_writable": lambda: _check_writable(settings.state_dir),
-        "disk_free": lambda: _check_disk(settings.assets_dir, settings.min_free_disk_bytes),
+        "blob_store": stores.blobs.check,
+        "job_store": stores.jobs.backend.describe,
     }
+    if not settings.storage_url:  # the assets live on this host's disk
+        checks["disk_free"] = lambda: _check_disk(settings.assets_dir, settings.min_free_disk_bytes)
     results: dict[str, dict[str, Any]] = {}
     for name, check in checks.items():
         try:
@@ -137,14 +142,6 @@ def readiness(settings: Settings, broker_check: Check) -> tuple[bool, dict[str, 
         except Exception as exc:
             results[name] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
     return all(r["ok"] for r in results.values()), results
-
-
-def _check_writable(folder: Path) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".probe-{secrets.token_hex(4)}"
-    probe.write_bytes(b"ok")
-    probe.unlink()
-    return str(folder)
 
 
 def _check_disk(folder: Path, minimum: int) -> str:

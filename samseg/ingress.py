@@ -20,12 +20,12 @@ from kombu import Consumer, Queue
 from kombu.message import Message
 from pydantic import ValidationError
 
-from samseg.contracts import UUID_PATTERN, ErrorInfo, JobMessage, JobState
-from samseg.idempotency import Claims, Decision
+from samseg.contracts import UUID_PATTERN, ErrorInfo, JobMessage
 from samseg.logs import bind_job, unbind_job
 from samseg.settings import Settings, get_settings
 from samseg.sqs import JobQueues
-from samseg.storage import AssetStore
+from samseg.stores import Stores, build_stores
+from samseg.stores.jobs import PUBLISH_LEASE_SECONDS, Decision
 
 log = structlog.get_logger(__name__)
 
@@ -69,23 +69,17 @@ def parse_job(raw: str) -> JobMessage:
 
 
 class IngressHandler:
-    def __init__(self, settings: Settings) -> None:
+    """Turns one jobs-queue message into a published chain (or a dead letter), then acknowledges it."""
+
+    def __init__(self, settings: Settings, stores: Stores, queues: JobQueues) -> None:
         self.settings = settings
-        self._queues: JobQueues | None = None
-        self.claims = Claims(
-            AssetStore(settings.assets_dir).claims_root,
-            stale_after_seconds=settings.visibility_timeout_seconds + settings.segment_time_limit_seconds,
-        )
+        self.stores = stores
+        self.queues = queues
 
-    @property
-    def queues(self) -> JobQueues:
-        if self._queues is None:
-            self._queues = JobQueues(self.settings)
-        return self._queues
-
-    def __call__(self, body: Any, message: Message) -> None:
-        raw = raw_body(body, message)
-        message_id = ((message.delivery_info or {}).get("sqs_message") or {}).get("MessageId")
+    def __call__(self, message: Message) -> None:
+        raw = raw_body(None, message)
+        sqs_message = (message.delivery_info or {}).get("sqs_message") or {}
+        message_id = sqs_message.get("MessageId")
         try:
             job = parse_job(raw)
         except InvalidJob as bad:
@@ -94,46 +88,87 @@ class IngressHandler:
         bind_job(job.uuid, "ingress")
         try:
             self._accept(job, message_id, message)
-        except Exception as exc:  # SQS or the job store unreachable: keep the message, it comes back
-            log.warning("ingress_publish_failed", error=repr(exc))
-            message.requeue()
+        except Exception as exc:  # SQS or the job store unreachable: keep the message, it comes back later
+            receives = int((sqs_message.get("Attributes") or {}).get("ApproximateReceiveCount") or 1)
+            delay = retry_delay(receives)
+            log.warning("ingress_publish_failed", error=repr(exc), retry_in_seconds=delay, receives=receives)
+            self._release(message, delay)
         finally:
             unbind_job()
 
     def _accept(self, job: JobMessage, message_id: str | None, message: Message) -> None:
-        from samseg.pipeline import build_chain, jobs
+        from samseg.pipeline import build_chain
 
-        decision, claim = self.claims.decide(job.uuid, message_id, jobs.get(job.uuid))
-        if decision is not Decision.RUN:
-            log.info("job_duplicate_ignored", decision=decision.value, run_id=claim.run_id, message_id=message_id)
+        claim = self.stores.jobs.claim(job.uuid, message_id)
+        if claim.decision is Decision.BUSY:
+            # The same SQS message is being published by another consumer right now (SQS delivered it twice):
+            # look again once that consumer's lease is over, in case it died before publishing.
+            log.info("job_delivery_busy", message_id=message_id, run_id=claim.record.run_id)
+            self._release(message, int(PUBLISH_LEASE_SECONDS))
+            return
+        if claim.decision is not Decision.RUN:
+            log.info(
+                "job_duplicate_ignored",
+                decision=claim.decision.value,
+                run_id=claim.record.run_id,
+                message_id=message_id,
+            )
             message.ack()
             return
-        jobs.set(job.uuid, JobState.QUEUED, run_id=claim.run_id)
         build_chain(job, claim.run_id).apply_async()
-        self.claims.mark_published(job.uuid, claim)
+        self.stores.jobs.mark_published(job.uuid, claim.run_id)
         message.ack()
         log.info("job_accepted", image_url=job.image_url, message_id=message_id, run_id=claim.run_id)
 
+    def _release(self, message: Message, delay: int) -> None:
+        """Hand the message back to SQS, visible again after `delay` seconds (not after its visibility timeout).
+
+        kombu's requeue makes it visible after its poll wait; the visibility change after it sets the delay.
+        If SQS is unreachable for both, the message reappears when its visibility timeout runs out.
+        """
+        try:
+            message.requeue()
+        except Exception as exc:
+            log.warning("ingress_requeue_failed", error=repr(exc))
+            message.channel.qos.reject(message.delivery_tag, requeue=False)  # forget it locally; SQS keeps it
+        info = message.delivery_info or {}
+        try:
+            self.queues.client.change_message_visibility(
+                QueueUrl=info["sqs_queue"], ReceiptHandle=message.delivery_tag, VisibilityTimeout=delay
+            )
+        except Exception as exc:
+            log.warning("ingress_delay_not_set", error=repr(exc))
+
     def _reject(self, bad: InvalidJob, raw: str, message_id: str | None, message: Message) -> None:
         """Dead-letter a message that is not a job; a readable uuid still gets its `failed` callback."""
-        from samseg.pipeline import jobs, notify
+        from samseg.pipeline import notify
 
         bind_job(bad.uuid, "ingress")
         log.error("ingress_rejected", reason=bad.reason, message_id=message_id, body=raw[:300])
         try:
             self.queues.dead_letter(raw, bad.reason, message_id)
-            # Never let a malformed copy overwrite a real job that has this uuid.
-            if bad.uuid and jobs.get(bad.uuid) is None:
-                error = ErrorInfo(code="invalid_job", message=bad.reason)
-                jobs.set(bad.uuid, JobState.FAILED, None, error=error)
-                notify.apply_async(({"uuid": bad.uuid, "error": error.model_dump()},), task_id=f"{bad.uuid}.notify")
+            # A failed run of its own, only if the uuid has no record: a malformed copy never touches a real job.
+            error = ErrorInfo(code="invalid_job", message=bad.reason)
+            record = self.stores.jobs.record_invalid(bad.uuid, error) if bad.uuid else None
+            if record is not None:
+                payload = {"uuid": record.uuid, "run_id": record.run_id, "error": error.model_dump()}
+                notify.apply_async((payload,), task_id=f"{record.uuid}.notify")
         except Exception as exc:  # SQS down: keep the message, it comes back after a backoff
             log.warning("ingress_dead_letter_failed", error=repr(exc))
-            message.requeue()
+            self._release(message, retry_delay(1))
         else:
             message.ack()
         finally:
             unbind_job()
+
+
+def retry_delay(receives: int) -> int:
+    """Seconds until a message that could not be published is tried again: 15 s doubling to 15 min.
+
+    Exponential so that SQS's maxReceiveCount (SAMSEG_JOBS_MAX_RECEIVE_COUNT) spans minutes of outage
+    rather than seconds: the default 5 receives cover about 8 minutes.
+    """
+    return int(min(900, 15 * 2 ** max(0, receives - 1)))
 
 
 class IngressStep(bootsteps.ConsumerStep):  # type: ignore[misc]
@@ -154,8 +189,8 @@ class IngressStep(bootsteps.ConsumerStep):  # type: ignore[misc]
         if not self.enabled:
             return []
         queue = Queue(self.settings.jobs_queue, no_declare=False)
-        handler = IngressHandler(self.settings)
+        handler = IngressHandler(self.settings, build_stores(self.settings), JobQueues(self.settings))
         log.info("ingress_consuming", queue=self.settings.jobs_queue)
         # on_message hands over the undecoded message (bodies are parsed by samseg, never by kombu), so a
         # body kombu cannot decode still reaches the handler and is dead-lettered instead of raising.
-        return [Consumer(channel, queues=[queue], on_message=lambda message: handler(None, message), accept=None)]
+        return [Consumer(channel, queues=[queue], on_message=handler, accept=None)]

@@ -1,48 +1,105 @@
 """The job's chain: download → segment → persist → notify, and what happens when a link fails.
 
-Tasks pass a small dict (`uuid`, `image_url`, image size, counts) — never pixels: SQS messages are capped
-at 256 KiB, so images and masks travel through the work directory (a shared volume across hosts).
-Any failure reaches `on_job_error`, which records it and queues a `failed` callback, so every job ends in
-exactly one callback.
+Tasks pass a small dict (`uuid`, `image_url`, `run_id`, image size, counts) — never pixels: SQS messages are
+capped at 256 KiB, so the image and the masks travel as work files in the blob store, keyed by run
+(`.samseg/work/{uuid}/{run_id}/…`), which every host reaches (a local directory on one host, S3 on several).
+
+Every status write names its run and is conditional (samseg.stores.jobs): a stage whose write is refused
+belongs to a run that was replaced or has moved past it (a redelivered message), and stops its chain
+there. Any failure reaches `on_job_error`, which records it and queues the `failed` callback, so every run
+ends in exactly one callback.
 """
 
 from __future__ import annotations
 
 import errno
+import json
+import os
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 from billiard.exceptions import TimeLimitExceeded
+from botocore.exceptions import BotoCoreError, ClientError
 from celery import Task, chain
 from celery.exceptions import SoftTimeLimitExceeded
 
 from samseg import metrics
+from samseg.assets import work_key
 from samseg.celery_app import app
 from samseg.contracts import CallbackBody, CallbackStatus, ErrorInfo, JobMessage, JobState, Stage
 from samseg.errors import JobError
 from samseg.fetch import download_image, load_rgb, probe_image
-from samseg.jobs import JobStore
-from samseg.masks import pack_masks, unpack_masks
+from samseg.masks import PackedMasks, write_packed_masks
 from samseg.notify import send_callback
-from samseg.results import describe_segments, mask_url, write_job_folder
+from samseg.results import describe_segments, mask_path
 from samseg.segmenter import get_segmenter
-from samseg.settings import get_settings
-from samseg.storage import AssetStore
+from samseg.settings import Settings, get_settings
+from samseg.stores import Stores, build_stores
 
 log = structlog.get_logger(__name__)
 
-settings = get_settings()
-store = AssetStore(settings.assets_dir)
-jobs = JobStore(app)
-
 SOURCE_FILE = "source"
-MASKS_FILE = "masks.npz"
+MASKS_FILE = "masks.npy"
+SCORES_FILE = "scores.json"
+
+_limits = get_settings()  # task options are fixed when the task is declared; everything else reads self.settings
 NOTIFY_TIME_LIMIT = int(
-    settings.callback_max_attempts * (settings.callback_timeout_seconds + settings.callback_backoff_max_seconds) + 60
+    _limits.callback_max_attempts * (_limits.callback_timeout_seconds + _limits.callback_backoff_max_seconds) + 60
 )
+
+
+class StageTask(Task):  # type: ignore[misc]
+    """Base of samseg's tasks: Settings, and the stores built once per worker process (after any fork)."""
+
+    _stores: tuple[int, Stores] | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return get_settings()
+
+    @property
+    def stores(self) -> Stores:
+        if self._stores is None or self._stores[0] != os.getpid():
+            self._stores = (os.getpid(), build_stores(self.settings))
+        return self._stores[1]
+
+    def enter(self, job: dict[str, Any], stage: Stage) -> bool:
+        """Record that `stage` of the job's run starts; False (and the chain stops here) if the store refuses.
+
+        Refused: the record belongs to another run (this one was replaced), or the run already went past
+        this stage — SQS delivered the message again after its work was done. Running it again would
+        redo finished work and publish the rest of the chain a second time.
+        """
+        if self.stores.jobs.advance(job["uuid"], job["run_id"], JobState.RUNNING, stage):
+            return True
+        record = self.stores.jobs.get(job["uuid"])
+        log.info(
+            "stage_skipped",
+            run_id=job["run_id"],
+            current_run=record.run_id if record else None,
+            current_status=record.status.value if record else None,
+            current_stage=record.stage.value if record and record.stage else None,
+        )
+        self.request.chain = None  # Celery publishes the next link from this after the task returns
+        return False
+
+    @contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A host-local temporary folder for files on their way to or from the blob store."""
+        root = self.settings.scratch_dir
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as folder:
+            yield Path(folder)
+
+    def fetch_work(self, job: dict[str, Any], name: str, dest: Path) -> Path:
+        if not self.stores.blobs.get_file(work_key(job["uuid"], job["run_id"], name), dest):
+            raise JobError("work_missing", f"the run's work file {name} is gone (purged, or another run replaced it)")
+        return dest
 
 
 def build_chain(job: JobMessage, run_id: str) -> Any:
@@ -56,37 +113,14 @@ def build_chain(job: JobMessage, run_id: str) -> Any:
     ).on_error(on_job_error.s())
 
 
-def enter_stage(job: dict[str, Any], stage: Stage) -> bool:
-    """Record that `stage` runs; False for a message SQS delivered again after its run had finished.
-
-    Such a replay is passed through untouched: run again, it would put a finished job back to `running` and
-    fail on work files already cleaned up, sending a conflicting `failed` callback.
-    """
-    status = jobs.get(job["uuid"])
-    run_id = job.get("run_id")
-    if status and run_id and status.run_id == run_id and status.status in (JobState.COMPLETED, JobState.FAILED):
-        log.info("stage_replay_skipped", run_id=run_id, status=status.status.value)
-        return False
-    jobs.set(job["uuid"], JobState.RUNNING, stage, run_id=run_id)
-    return True
-
-
-def _work_file(uuid: str, name: str) -> Path:
-    path = store.work_dir(uuid) / name
-    if not path.exists():
-        raise JobError("work_missing", f"the job's work file {name} is gone (purged, or the volume is not shared)")
-    return path
-
-
-@app.task(name="samseg.download", bind=True, throws=(JobError,))
-def download(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-    uuid = job["uuid"]
-    if not enter_stage(job, Stage.DOWNLOAD):
+@app.task(name="samseg.download", bind=True, base=StageTask, throws=(JobError,))
+def download(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
+    if not self.enter(job, Stage.DOWNLOAD):
         return job
-    work = store.work_dir(uuid)
-    work.mkdir(parents=True, exist_ok=True)
-    size = download_image(job["image_url"], work / SOURCE_FILE, settings)
-    info = probe_image(work / SOURCE_FILE, settings)
+    with self.scratch() as tmp, _storage_errors():
+        size = download_image(job["image_url"], tmp / SOURCE_FILE, self.settings)
+        info = probe_image(tmp / SOURCE_FILE, self.settings)
+        self.stores.blobs.put_file(work_key(job["uuid"], job["run_id"], SOURCE_FILE), tmp / SOURCE_FILE)
     log.info("image_downloaded", bytes=size, width=info.width, height=info.height, format=info.format)
     return {**job, "bytes": size}
 
@@ -94,92 +128,102 @@ def download(self: Task, job: dict[str, Any]) -> dict[str, Any]:
 @app.task(
     name="samseg.segment",
     bind=True,
+    base=StageTask,
     throws=(JobError,),
-    time_limit=settings.segment_time_limit_seconds,
+    time_limit=_limits.segment_time_limit_seconds,
     # The soft limit leaves the task time to fail cleanly (status, callback) before the hard kill.
-    soft_time_limit=max(0.8 * settings.segment_time_limit_seconds, settings.segment_time_limit_seconds - 30),
+    soft_time_limit=max(0.8 * _limits.segment_time_limit_seconds, _limits.segment_time_limit_seconds - 30),
 )
-def segment(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-    uuid = job["uuid"]
-    if not enter_stage(job, Stage.SEGMENT):
+def segment(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
+    if not self.enter(job, Stage.SEGMENT):
         return job
-    work = store.work_dir(uuid)
-    image = load_rgb(_work_file(uuid, SOURCE_FILE), settings)
-    height, width = image.shape[:2]
-    segmenter = get_segmenter(settings)
-    try:
-        result = segmenter.segment_with_fallback(image)
-    except (SoftTimeLimitExceeded, JobError):
-        raise
-    except Exception as exc:  # CUDA OOM, shape errors…: the job fails with the reason, the worker lives
-        raise JobError("model_error", f"mask generation failed: {type(exc).__name__}: {exc}") from exc
-    tmp = work / f".{MASKS_FILE}.tmp.npz"
-    np.savez(
-        tmp,
-        packed=pack_masks(result.masks),
-        predicted_iou=result.predicted_iou,
-        stability_score=result.stability_score,
-    )
-    tmp.replace(work / MASKS_FILE)
+    settings = self.settings
+    with self.scratch() as tmp:
+        with _storage_errors():
+            source = self.fetch_work(job, SOURCE_FILE, tmp / SOURCE_FILE)
+        image = load_rgb(source, settings)
+        height, width = image.shape[:2]
+        segmenter = get_segmenter(settings)
+        try:
+            result = segmenter.segment_with_fallback(image)
+        except (SoftTimeLimitExceeded, JobError):
+            raise
+        except Exception as exc:  # CUDA OOM, shape errors…: the job fails with the reason, the worker lives
+            raise JobError("model_error", f"mask generation failed: {type(exc).__name__}: {exc}") from exc
+        del image
+        count = len(result.masks)
+        write_packed_masks(tmp / MASKS_FILE, result.masks, count, height, width)
+        result.masks.clear()  # the generator's full-resolution masks are not needed past this point
+        scores = {"predicted_iou": result.predicted_iou.tolist(), "stability_score": result.stability_score.tolist()}
+        with _storage_errors():
+            self.stores.blobs.put_file(work_key(job["uuid"], job["run_id"], MASKS_FILE), tmp / MASKS_FILE)
+            self.stores.blobs.put(work_key(job["uuid"], job["run_id"], SCORES_FILE), json.dumps(scores).encode())
     log.info(
         "image_segmented",
-        masks=len(result.masks),
+        masks=count,
         seconds=round(result.seconds, 2),
         width=width,
         height=height,
         points_per_side=settings.amg_points_per_side,
         device=segmenter.device,
     )
-    return {**job, "width": width, "height": height, "mask_count": len(result.masks)}
+    return {**job, "width": width, "height": height, "mask_count": count}
 
 
-@app.task(name="samseg.persist", bind=True, throws=(JobError,))
-def persist(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-    uuid = job["uuid"]
-    if not enter_stage(job, Stage.PERSIST):
+@app.task(name="samseg.persist", bind=True, base=StageTask, throws=(JobError,))
+def persist(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
+    if not self.enter(job, Stage.PERSIST):
         return job
-    with np.load(_work_file(uuid, MASKS_FILE)) as data:
-        masks = unpack_masks(data["packed"], job["width"])
-        ious = data["predicted_iou"].tolist()
-        stabilities = data["stability_score"].tolist()
+    uuid, base_url = job["uuid"], self.settings.public_base_url
     started = time.perf_counter()
-    segments = describe_segments(masks, ious, stabilities, lambda i: mask_url(settings.public_base_url, uuid, i))
-    body = CallbackBody(
-        uuid=uuid, status="completed", segments=segments, image_width=job["width"], image_height=job["height"]
-    )
-
-    try:
-        store.publish(uuid, lambda folder: write_job_folder(folder, masks, body))
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise JobError("disk_full", f"no space left in SAMSEG_ASSETS_DIR to write the masks: {exc}") from exc
-        raise JobError("storage_error", f"cannot write the masks: {exc}") from exc
-    store.discard_work(uuid)
+    with self.scratch() as tmp, _storage_errors():
+        masks = PackedMasks(self.fetch_work(job, MASKS_FILE, tmp / MASKS_FILE), job["width"])
+        scores = json.loads(self.fetch_work(job, SCORES_FILE, tmp / SCORES_FILE).read_text())
+        segments = describe_segments(
+            masks, scores["predicted_iou"], scores["stability_score"], lambda i: base_url + mask_path(uuid, i)
+        )
+        body = CallbackBody(
+            uuid=uuid, status="completed", segments=segments, image_width=job["width"], image_height=job["height"]
+        )
+        self.stores.assets.publish(uuid, masks, body)
+        self.stores.assets.discard_work(uuid, job["run_id"])
     metrics.MASKS_PER_JOB.observe(len(segments))
     log.info("masks_persisted", masks=len(segments), seconds=round(time.perf_counter() - started, 3))
     return {**job, "mask_count": len(segments)}
 
 
-@app.task(name="samseg.notify", bind=True, time_limit=NOTIFY_TIME_LIMIT, soft_time_limit=NOTIFY_TIME_LIMIT - 10)
-def notify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-    uuid = job["uuid"]
-    run_id = job.get("run_id")
+@app.task(
+    name="samseg.notify",
+    bind=True,
+    base=StageTask,
+    time_limit=NOTIFY_TIME_LIMIT,
+    soft_time_limit=NOTIFY_TIME_LIMIT - 10,
+)
+def notify(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
+    """Send the run's one terminal callback; `job["error"]` set means the run failed (from on_job_error)."""
+    uuid, run_id = job["uuid"], job["run_id"]
+    jobs = self.stores.jobs
     error = ErrorInfo.model_validate(job["error"]) if job.get("error") else None
-    current = jobs.get(uuid)
-    if current and current.callback and current.callback.delivered and run_id and current.run_id == run_id:
+    record = jobs.get(uuid)
+    if record is None or record.run_id != run_id:
+        log.info("callback_skipped_stale_run", run_id=run_id, current_run=record.run_id if record else None)
+        return {"uuid": uuid, "status": "stale"}
+    if record.callback and record.callback.delivered:
         # A redelivered notify of a run whose callback already went out: don't send it twice.
         log.info("callback_already_delivered", run_id=run_id)
-        return {"uuid": uuid, "status": current.status.value, "callback_delivered": True}
+        return {"uuid": uuid, "status": record.status.value, "callback_delivered": True}
     if error is None:
-        data = store.read_result(uuid)
+        if not self.enter(job, Stage.NOTIFY):
+            return {"uuid": uuid, "status": "skipped"}
+        data = self.stores.assets.read_result(uuid)
         if data is None:
             error = ErrorInfo(code="result_missing", message="the job's result.json is gone (purged?)")
-    if error is not None:
-        body = CallbackBody(uuid=uuid, status="failed", segments=[], error=error)
-    else:
-        body = CallbackBody.model_validate(data)
-    jobs.set(uuid, JobState.RUNNING, Stage.NOTIFY, segments=body.segments or None, error=error, run_id=run_id)
-    delivery = send_callback(body, settings)
+    body = (
+        CallbackBody(uuid=uuid, status="failed", segments=[], error=error)
+        if error is not None
+        else CallbackBody.model_validate(data)
+    )
+    delivery = send_callback(body, self.settings)
     if delivery.attempts:
         metrics.CALLBACKS.labels("delivered" if delivery.delivered else "failed").inc()
     callback = CallbackStatus(
@@ -190,28 +234,37 @@ def notify(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         final_error = ErrorInfo(code="callback_failed", message=f"the callback was not accepted: {delivery.error}")
     state = JobState.FAILED if final_error else JobState.COMPLETED
     metrics.JOBS.labels(state.value).inc()
-    jobs.set(uuid, state, None, segments=body.segments or None, error=final_error, callback=callback, run_id=run_id)
+    if not jobs.advance(uuid, run_id, state, error=final_error, callback=callback):
+        log.warning("job_status_write_refused", run_id=run_id, status=state.value)
     log.info("job_finished", status=state.value, callback_delivered=delivery.delivered)
     return {"uuid": uuid, "status": state.value, "callback_delivered": delivery.delivered}
 
 
-@app.task(name="samseg.on_job_error")
+@app.task(name="samseg.on_job_error", base=StageTask)
 def on_job_error(request: Any, exc: BaseException, traceback: Any) -> None:
-    """Errback of every link: record the failure and queue the `failed` callback (once per job)."""
+    """Errback of every link: record the failure and queue the run's `failed` callback.
+
+    Not `bind=True`: Celery passes (request, exc, traceback) only to errbacks whose signature has exactly
+    those three parameters; the task instance (its stores) is reached through its own name instead.
+    """
+    self: StageTask = on_job_error
     args = getattr(request, "args", None) or [{}]
     job = args[0] if isinstance(args[0], dict) else {}
-    uuid = job.get("uuid")
-    if not uuid:
-        log.error("job_error_without_uuid", task=getattr(request, "task", None), error=repr(exc))
+    uuid, run_id = job.get("uuid"), job.get("run_id")
+    if not uuid or not run_id:
+        log.error("job_error_without_run", task=getattr(request, "task", None), error=repr(exc))
         return
     error = error_info(exc)
     log.error("job_failed", job_uuid=uuid, stage=getattr(request, "task", None), code=error.code, error=error.message)
-    store.discard_work(uuid)
-    if getattr(request, "task", None) == notify.name:
-        jobs.update(uuid, status=JobState.FAILED, stage=None, error=error)
+    try:
+        self.stores.assets.discard_work(uuid, run_id)
+    except Exception as cleanup:  # the orphan sweep removes them later
+        log.warning("work_cleanup_failed", job_uuid=uuid, error=repr(cleanup))
+    if not self.stores.jobs.advance(uuid, run_id, JobState.FAILED, error=error):
+        log.info("job_error_of_stale_run_ignored", job_uuid=uuid, run_id=run_id)
         return
-    run_id = job.get("run_id")
-    jobs.set(uuid, JobState.FAILED, None, error=error, run_id=run_id)
+    if getattr(request, "task", None) == notify.name:
+        return  # notify itself failed: the status says so; sending the callback is what failed
     notify.apply_async(({"uuid": uuid, "run_id": run_id, "error": error.model_dump()},), task_id=f"{uuid}.notify")
 
 
@@ -223,12 +276,23 @@ def error_info(exc: BaseException) -> ErrorInfo:
     return ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}")
 
 
-@app.task(name="samseg.purge")
-def purge() -> list[str]:
-    removed = store.purge(
-        settings.asset_ttl_seconds,
-        work_max_age_seconds=settings.asset_ttl_seconds + settings.visibility_timeout_seconds,
-        in_progress=jobs.in_progress,
-    )
-    log.info("assets_purged", removed=len(removed), ttl_seconds=settings.asset_ttl_seconds)
-    return removed
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Blob-store failures as job errors with a code the app server can act on."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise JobError("disk_full", f"no space left for the job's files: {exc}") from exc
+        raise JobError("storage_error", f"cannot read or write the job's files: {exc}") from exc
+    except (ClientError, BotoCoreError) as exc:
+        raise JobError("storage_error", f"the object store refused or failed: {exc}") from exc
+
+
+@app.task(name="samseg.purge", bind=True, base=StageTask)
+def purge(self: StageTask) -> dict[str, int]:
+    from samseg.purge import purge_expired
+
+    report = purge_expired(self.stores, self.settings)
+    log.info("assets_purged", ttl_seconds=self.settings.asset_ttl_seconds, **report)
+    return report

@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-
-import numpy as np
-import numpy.typing as npt
 
 from samseg.contracts import BBox, CallbackBody, Point, Segment
 from samseg.errors import JobError
-from samseg.masks import mask_filename, mask_geometry, write_mask_pngs
-from samseg.storage import MASK_DIR, RESULT_FILE, write_json_atomic
+from samseg.masks import PackedMasks, encode_packed_png, mask_filename, packed_geometry
+from samseg.stores.blobs import BlobStore, LocalBlobs, Upload
+
+MASK_DIR = "mask_images"
+RESULT_FILE = "result.json"
 
 
-def mask_url(base_url: str, uuid: str, index: int) -> str:
-    return f"{base_url}/assets/{uuid}/{MASK_DIR}/{mask_filename(index)}"
+def mask_path(uuid: str, index: int) -> str:
+    """The mask's path under the API (and its key in the blob store): the `mask_url` contract."""
+    return f"/assets/{uuid}/{MASK_DIR}/{mask_filename(index)}"
 
 
 def describe_segments(
-    masks: npt.NDArray[np.bool_],
+    masks: PackedMasks,
     predicted_iou: Sequence[float],
     stability_score: Sequence[float],
     url_for: Callable[[int], str],
 ) -> list[Segment]:
     """One Segment per mask; geometry is measured on the mask itself, so it matches the PNG exactly."""
     segments: list[Segment] = []
-    for index, mask in enumerate(masks):
-        geometry = mask_geometry(mask)
+    for index in range(len(masks)):
+        geometry = packed_geometry(masks.read(index), masks.width)
         if geometry is None:  # segmentation drops empty masks; numbering must not have holes
             raise JobError("internal_error", f"mask {index} is empty")
         cx, cy = geometry.center
@@ -45,6 +46,21 @@ def describe_segments(
     return segments
 
 
-def write_job_folder(folder: Path, masks: npt.NDArray[np.bool_], body: CallbackBody) -> None:
-    write_mask_pngs(masks, folder / MASK_DIR)
-    write_json_atomic(folder / RESULT_FILE, body.model_dump(mode="json", exclude_none=True))
+def write_result(blobs: BlobStore, prefix: str, masks: PackedMasks, body: CallbackBody) -> None:
+    """The masks as PNGs (encoded and uploaded concurrently, a few at a time), then result.json, last."""
+
+    def uploads() -> Iterator[Upload]:
+        for index in range(len(masks)):
+            yield Upload(
+                f"{prefix}{MASK_DIR}/{mask_filename(index)}",
+                lambda i=index: encode_packed_png(masks.read(i), masks.width),  # type: ignore[misc]
+                "image/png",
+            )
+
+    blobs.put_many(uploads())
+    blobs.put(f"{prefix}{RESULT_FILE}", body.model_dump_json(exclude_none=True).encode(), "application/json")
+
+
+def write_job_folder(folder: Path, masks: PackedMasks, body: CallbackBody) -> None:
+    """`samseg segment`'s output: mask_images/ and result.json in a plain folder."""
+    write_result(LocalBlobs(folder), "", masks, body)

@@ -31,7 +31,7 @@ class MaskGenerator(Protocol):
 class Segmentation:
     """Masks sorted by area (largest first), empty masks dropped; arrays share one index."""
 
-    masks: npt.NDArray[np.bool_]  # (N, H, W)
+    masks: list[npt.NDArray[np.bool_]]  # N arrays of (H, W): the generator's own, never stacked into a copy
     predicted_iou: npt.NDArray[np.float32]
     stability_score: npt.NDArray[np.float32]
     seconds: float
@@ -140,16 +140,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def to_segmentation(records: list[dict[str, Any]], shape: tuple[int, ...], seconds: float) -> Segmentation:
-    kept = [r for r in records if int(np.count_nonzero(r["segmentation"])) > 0]
-    kept.sort(key=lambda r: int(np.count_nonzero(r["segmentation"])), reverse=True)
-    height, width = int(shape[0]), int(shape[1])
-    masks = (
-        np.stack([np.asarray(r["segmentation"], dtype=bool) for r in kept])
-        if kept
-        else np.zeros((0, height, width), dtype=bool)
-    )
+    areas = [int(np.count_nonzero(r["segmentation"])) for r in records]
+    order = sorted((i for i, area in enumerate(areas) if area > 0), key=lambda i: areas[i], reverse=True)
+    kept = [records[i] for i in order]
     return Segmentation(
-        masks=masks,
+        masks=[np.asarray(r["segmentation"], dtype=bool) for r in kept],
         predicted_iou=np.array([float(r["predicted_iou"]) for r in kept], dtype=np.float32),
         stability_score=np.array([float(r["stability_score"]) for r in kept], dtype=np.float32),
         seconds=seconds,

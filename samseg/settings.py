@@ -46,10 +46,27 @@ class Settings(BaseSettings):
     callback_backoff_max_seconds: float = Field(60.0, ge=0)
 
     # --- storage ---------------------------------------------------------------------------------------
+    # This host's directory: the published assets and work files when SAMSEG_STORAGE_URL is unset, else only
+    # host-local scratch space (downloads in flight, the beat schedule).
     assets_dir: Path = Path("./assets")
+    # Unset: files live under assets_dir (one host). s3://BUCKET/PREFIX: in S3, shared by every host.
+    storage_url: str | None = None
+    aws_endpoint_url_s3: str | None = Field(
+        None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    )
+    # How the API serves assets kept in S3: stream them (any HTTP client works) or redirect to a presigned GET.
+    s3_assets: Literal["proxy", "redirect"] = "proxy"
+    s3_max_concurrency: int = Field(16, ge=1, le=256)
+    # Unset: sqlite in assets_dir (one host). sqlite:///PATH, or dynamodb://TABLE (shared by every host).
+    job_store_url: str = ""
+    aws_endpoint_url_dynamodb: str | None = Field(
+        None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_DYNAMODB", "AWS_ENDPOINT_URL")
+    )
+    # Job records outlive their assets so GET /jobs answers "completed, assets expired" instead of 404; at least
+    # SQS's longest retention, after which no message can revive a job.
+    job_record_ttl_seconds: int = Field(14 * 24 * 3600, ge=3600)
     asset_ttl_seconds: int = Field(3600, ge=1)
     cleanup_interval_seconds: float = Field(3600, gt=0)
-    result_backend: str | None = None
 
     # --- download --------------------------------------------------------------------------------------
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
@@ -96,6 +113,35 @@ class Settings(BaseSettings):
             raise ValueError("SAMSEG_AMG_INT8 is a CPU mode; it cannot run with SAMSEG_DEVICE=cuda")
         return self
 
+    @model_validator(mode="after")
+    def _default_job_store(self) -> Settings:
+        if not self.job_store_url:
+            self.job_store_url = f"sqlite:///{(self.state_dir / 'jobs.sqlite').resolve()}"
+        return self
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme != "s3" or not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", parts.netloc or ""):
+            raise ValueError(f"must be s3://BUCKET or s3://BUCKET/PREFIX with a valid bucket name, got {value!r}")
+        if parts.query or parts.fragment or ".." in parts.path.split("/"):
+            raise ValueError(f"the S3 prefix must be a plain path, got {value!r}")
+        return value
+
+    @field_validator("job_store_url")
+    @classmethod
+    def _check_job_store_url(cls, value: str) -> str:
+        if not value:
+            return value
+        if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+            return value
+        if value.startswith("dynamodb://") and re.fullmatch(r"[A-Za-z0-9_.-]{3,255}", value[len("dynamodb://") :]):
+            return value
+        raise ValueError(f"must be sqlite:///PATH or dynamodb://TABLE, got {value!r}")
+
     @field_validator("allowed_image_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
@@ -111,7 +157,9 @@ class Settings(BaseSettings):
             raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         return value
 
-    @field_validator("app_server_url", "aws_endpoint_url_sqs", "weights_base_url")
+    @field_validator(
+        "app_server_url", "aws_endpoint_url_sqs", "aws_endpoint_url_s3", "aws_endpoint_url_dynamodb", "weights_base_url"
+    )
     @classmethod
     def _check_optional_url(cls, value: str | None) -> str | None:
         return _http_url(value) if value else None
@@ -143,14 +191,18 @@ class Settings(BaseSettings):
 
     @property
     def state_dir(self) -> Path:
-        """samseg's private area inside the assets volume: work files, staging, job database."""
+        """samseg's private area inside assets_dir: work files (local storage), the job database, scratch."""
         return self.assets_dir / ".samseg"
 
     @property
-    def result_backend_url(self) -> str:
-        if self.result_backend:
-            return self.result_backend
-        return f"db+sqlite:///{(self.state_dir / 'jobs.sqlite').resolve()}"
+    def scratch_dir(self) -> Path:
+        """Host-local temporary files (an image being downloaded, masks on their way to the blob store)."""
+        return self.state_dir / "scratch"
+
+    @property
+    def stale_run_seconds(self) -> float:
+        """A run whose record made no progress for this long is dead (no stage can take longer), and replaceable."""
+        return float(self.visibility_timeout_seconds + self.segment_time_limit_seconds)
 
     @property
     def dead_letter_queue(self) -> str:

@@ -51,7 +51,12 @@ def apply(raw_queues: frozenset[str] = frozenset()) -> bool:
         if queue_name not in raw_queues:
             return parse(self, message, queue_name, q_url)
         text = message.get("Body") or ""
-        return self._envelope_payload({"body": text, "properties": {"delivery_info": {}}}, text, message, q_url)
+        # The default exchange and the queue's own name as routing key: what kombu's requeue needs to find the
+        # queue again (with an empty delivery_info, Message.requeue() raised KeyError('exchange')).
+        delivery_info = {"exchange": "", "routing_key": queue_name}
+        return self._envelope_payload(
+            {"body": text, "properties": {"delivery_info": delivery_info}}, text, message, q_url
+        )
 
     on_messages_ready._samseg_fixed = True  # type: ignore[attr-defined]
     Channel._on_messages_ready = on_messages_ready

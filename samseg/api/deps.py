@@ -1,0 +1,31 @@
+"""What routes receive through `Depends`: Settings, the stores and the SQS helper, built in the lifespan."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from samseg.settings import Settings
+from samseg.sqs import JobQueues
+from samseg.stores import Stores
+
+
+def settings(request: Request) -> Settings:
+    value: Settings = request.app.state.settings
+    return value
+
+
+def stores(request: Request) -> Stores:
+    value: Stores = request.app.state.stores
+    return value
+
+
+def queues(request: Request) -> JobQueues:
+    value: JobQueues = request.app.state.queues
+    return value
+
+
+SettingsDep = Annotated[Settings, Depends(settings)]
+StoresDep = Annotated[Stores, Depends(stores)]
+QueuesDep = Annotated[JobQueues, Depends(queues)]

@@ -1,0 +1,88 @@
+"""The asset layout over a BlobStore: where a job's masks, result and work files live, and how a job is
+published, read and removed.
+
+    {uuid}/mask_images/mask_000.png …     published masks (served by the API at the same path)
+    {uuid}/result.json                    the callback body; written last — a job is published once it exists
+    .samseg/work/{uuid}/{run_id}/…        files handed between the stages of one run (image, packed masks)
+
+Work files are keyed by run, so two runs of one uuid never share (or delete) each other's files. A re-run
+overwrites the masks, then result.json, then removes masks the earlier run had beyond the new count; a
+removal deletes result.json first. Readers that check result.json therefore never see a half-written or
+half-removed job.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from samseg.contracts import UUID_PATTERN, CallbackBody
+from samseg.masks import PackedMasks, mask_filename
+from samseg.results import MASK_DIR, RESULT_FILE, write_result
+from samseg.stores.blobs import BlobStore
+
+WORK_ROOT = ".samseg/work"
+MASK_NAME = re.compile(r"^mask_\d{3,6}\.png$")
+RUN_ID = re.compile(r"^[0-9a-f]{6,32}$")
+
+
+def mask_key(uuid: str, name: str) -> str:
+    return f"{checked(uuid)}/{MASK_DIR}/{name}"
+
+
+def result_key(uuid: str) -> str:
+    return f"{checked(uuid)}/{RESULT_FILE}"
+
+
+def work_prefix(uuid: str, run_id: str | None = None) -> str:
+    if run_id is None:
+        return f"{WORK_ROOT}/{checked(uuid)}"
+    if not RUN_ID.fullmatch(run_id):
+        raise ValueError(f"unsafe run id {run_id!r}")
+    return f"{WORK_ROOT}/{checked(uuid)}/{run_id}"
+
+
+def work_key(uuid: str, run_id: str, name: str) -> str:
+    return f"{work_prefix(uuid, run_id)}/{name}"
+
+
+def checked(uuid: str) -> str:
+    if not UUID_PATTERN.fullmatch(uuid):
+        raise ValueError(f"unsafe job id {uuid!r}")
+    return uuid
+
+
+@dataclass(frozen=True)
+class Assets:
+    blobs: BlobStore
+
+    def publish(self, uuid: str, masks: PackedMasks, body: CallbackBody) -> None:
+        """Masks, then result.json (the job is published from here on), then the earlier run's extra masks out."""
+        write_result(self.blobs, f"{checked(uuid)}/", masks, body)
+        current = {mask_key(uuid, mask_filename(i)) for i in range(len(masks))}
+        stale = [key for key, _ in self.blobs.walk(f"{checked(uuid)}/{MASK_DIR}") if key not in current]
+        if stale:
+            self.blobs.delete(stale)
+
+    def read_result(self, uuid: str) -> dict[str, Any] | None:
+        data = self.blobs.get(result_key(uuid))
+        if data is None:
+            return None
+        try:
+            parsed: dict[str, Any] = json.loads(data)
+        except ValueError:
+            return None
+        return parsed
+
+    def is_published(self, uuid: str) -> bool:
+        return self.blobs.head(result_key(uuid)) is not None
+
+    def discard_work(self, uuid: str, run_id: str | None = None) -> int:
+        return self.blobs.delete_prefix(work_prefix(uuid, run_id))
+
+    def remove_job(self, uuid: str) -> int:
+        """Unpublish first (result.json), then delete the masks and any work files left of the job."""
+        self.blobs.delete([result_key(uuid)])
+        return self.blobs.delete_prefix(checked(uuid)) + self.discard_work(uuid)
