@@ -59,7 +59,8 @@ class Assets:
     blobs: BlobStore
 
     def publish(self, uuid: str, masks: PackedMasks, body: CallbackBody) -> None:
-        """Masks, then result.json (the job is published from here on), then the earlier run's extra masks out."""
+        """Unpublish an earlier run (if any), masks, result.json (published from here on), stale masks out."""
+        self.blobs.delete([result_key(uuid)])  # a reader must never pair an old result with new masks
         write_result(self.blobs, f"{checked(uuid)}/", masks, body)
         current = {mask_key(uuid, mask_filename(i)) for i in range(len(masks))}
         stale = [key for key, _ in self.blobs.walk(f"{checked(uuid)}/{MASK_DIR}") if key not in current]
@@ -84,5 +85,6 @@ class Assets:
 
     def remove_job(self, uuid: str) -> int:
         """Unpublish first (result.json), then delete the masks and any work files left of the job."""
+        published = self.blobs.head(result_key(uuid)) is not None
         self.blobs.delete([result_key(uuid)])
-        return self.blobs.delete_prefix(checked(uuid)) + self.discard_work(uuid)
+        return int(published) + self.blobs.delete_prefix(checked(uuid)) + self.discard_work(uuid)

@@ -97,12 +97,14 @@ class Stack:
         url = client.get_queue_url(QueueName=self.jobs_queue)["QueueUrl"]
         client.send_message(QueueUrl=url, MessageBody=body)
 
-    def start(self, name: str, *args: str) -> Proc:
-        proc = Proc(name, list(args), self.env, self.log_dir)
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(name, list(args), {**self.env, **(env or {})}, self.log_dir)
         self.procs.append(proc)
         return proc
 
-    def start_worker(self, *extra: str, name: str = "worker", ready_timeout: float = 90) -> Proc:
+    def start_worker(
+        self, *extra: str, name: str = "worker", ready_timeout: float = 90, env: dict[str, str] | None = None
+    ) -> Proc:
         proc = self.start(
             name,
             str(VENV_BIN / "celery"),
@@ -114,13 +116,15 @@ class Stack:
             "--hostname",
             f"{name}@%h",
             *extra,
+            env=env,
         )
         proc.wait_for_output("worker_ready", ready_timeout)
         return proc
 
-    def start_api(self) -> str:
+    def start_api(self, env: dict[str, str] | None = None) -> str:
         port = free_port()
-        self.start("api", sys.executable, "-m", "uvicorn", "samseg.api:app", "--host", "127.0.0.1", "--port", str(port))
+        argv = [sys.executable, "-m", "uvicorn", "samseg.api:app", "--host", "127.0.0.1", "--port", str(port)]
+        self.start("api", *argv, env=env)
         self.api_url = f"http://127.0.0.1:{port}"
         self.env["SAMSEG_PUBLIC_BASE_URL"] = self.api_url
         wait_http(self.api_url + "/healthz", 60)
@@ -141,6 +145,8 @@ def new_stack(moto_url: str, checkpoint: Path, root: Path, prefix: str, **overri
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(REPO),
         "AWS_ENDPOINT_URL_SQS": moto_url,
+        # S3 and DynamoDB too, for stacks that use them (moto serves all three on one port).
+        "AWS_ENDPOINT_URL": moto_url,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_REGION": "us-east-1",

@@ -123,9 +123,10 @@ def tree_snapshot(folder: Path) -> dict[str, tuple[int, str]]:
 
 
 def leftovers(assets: Path) -> dict[str, list[str]]:
-    """Entries in samseg's private work, staging and trash folders (all empty once jobs are done)."""
-    state = assets / ".samseg"
-    return {name: sorted(os.listdir(state / name)) for name in ("work", "staging", "trash") if (state / name).is_dir()}
+    """Work files left in a local blob store (none once jobs are done): `.samseg/work/{uuid}/{run}/…`."""
+    work = assets / ".samseg" / "work"
+    files = [str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()] if work.is_dir() else []
+    return {"work": sorted(files)}
 
 
 # --- processes --------------------------------------------------------------------------------------------

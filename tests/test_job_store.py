@@ -154,7 +154,9 @@ def test_a_write_for_a_replaced_run_is_refused(store):
     assert store.advance("job-s", new.run_id, JobState.RUNNING, Stage.DOWNLOAD)
     # The old run's late notify must not overwrite the new run's status.
     callback = CallbackStatus(delivered=True, attempts=1)
-    assert not store.advance("job-s", old.run_id, JobState.FAILED, error=ErrorInfo(code="x", message="y"), callback=callback)
+    assert not store.advance(
+        "job-s", old.run_id, JobState.FAILED, error=ErrorInfo(code="x", message="y"), callback=callback
+    )
     assert not store.advance("job-s", old.run_id, JobState.RUNNING, Stage.NOTIFY)
     record = store.get("job-s")
     assert (record.run_id, record.status, record.stage) == (new.run_id, JobState.RUNNING, Stage.DOWNLOAD)

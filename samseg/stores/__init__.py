@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from samseg.assets import Assets
 from samseg.settings import Settings
 from samseg.stores.blobs import BlobStore, LocalBlobs, S3Blobs
 from samseg.stores.jobs import JobBackend, JobStore
 
 if TYPE_CHECKING:
+    from samseg.assets import Assets
     from samseg.stores.sql_jobs import SqlJobs
 
 __all__ = ["Stores", "build_stores"]
@@ -33,6 +33,8 @@ class Stores:
 
     @property
     def assets(self) -> Assets:
+        from samseg.assets import Assets  # assets → results → stores.blobs: imported here to keep one direction
+
         return Assets(self.blobs)
 
 

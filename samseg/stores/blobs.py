@@ -350,7 +350,7 @@ class S3Blobs:
         base = self.prefix + (prefix.strip("/") + "/" if prefix.strip("/") else "")
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base, "Delimiter": "/", "MaxKeys": limit}
         if start_after:
-            kwargs["StartAfter"] = base + start_after + "/\uffff"
+            kwargs["StartAfter"] = base + start_after  # keys sort after it from the first name above start_after
         response = self.client.list_objects_v2(**kwargs)
         names = [p["Prefix"][len(base) :].rstrip("/") for p in response.get("CommonPrefixes", [])]
         return sorted(n for n in names if n > start_after)[:limit]
