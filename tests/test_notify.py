@@ -11,8 +11,7 @@ import time
 from http.server import ThreadingHTTPServer
 
 import pytest
-from standardwebhooks import Webhook
-from standardwebhooks.webhooks import WebhookVerificationError
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from samseg.contracts import BBox, CallbackBody, ErrorInfo, Point, Segment
 from samseg.notify import (
