@@ -13,6 +13,7 @@ half-removed job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -61,7 +62,12 @@ class Assets:
     def publish(self, uuid: str, masks: PackedMasks, body: CallbackBody) -> None:
         """Unpublish an earlier run (if any), masks, result.json (published from here on), stale masks out."""
         self.blobs.delete([result_key(uuid)])  # a reader must never pair an old result with new masks
-        write_result(self.blobs, f"{checked(uuid)}/", masks, body)
+        try:
+            write_result(self.blobs, f"{checked(uuid)}/", masks, body)
+        except BaseException:
+            with contextlib.suppress(Exception):  # leave no unpublished masks behind (disk full, S3 refusing)
+                self.blobs.delete_prefix(checked(uuid))
+            raise
         current = {mask_key(uuid, mask_filename(i)) for i in range(len(masks))}
         stale = [key for key, _ in self.blobs.walk(f"{checked(uuid)}/{MASK_DIR}") if key not in current]
         if stale:

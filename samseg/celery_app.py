@@ -137,6 +137,7 @@ def _worker_init(**_: Any) -> None:
         JobQueues(settings).ensure()
     except Exception as exc:  # SQS unreachable: kombu's connection retry takes over from here
         log.warning("queues_not_ensured", error=repr(exc))
+    _check_callback_transport(settings)
     if settings.gpu_queue in app.amqp.queues.consume_from:
         _ensure_weights(settings)
     for problem in check_visibility(settings):
@@ -158,6 +159,18 @@ def ensure_stores(settings: Settings, stores: Stores) -> None:
         log.info("blob_store_ready", store=stores.blobs.check())
     except Exception as exc:
         log.error("blob_store_unavailable", error=repr(exc), url=settings.storage_url or str(settings.assets_dir))
+
+
+def _check_callback_transport(settings: Settings) -> None:
+    """Warn about callbacks that go nowhere or in clear text; refuse to start if https is required."""
+    from samseg.notify import InsecureCallbackError, check_callback_transport
+
+    try:
+        for problem in check_callback_transport(settings):
+            log.warning("callback_transport", problem=problem)
+    except InsecureCallbackError as exc:
+        log.error("callback_transport_refused", error=str(exc), consequence="the worker does not start")
+        raise SystemExit(1) from exc
 
 
 def _ensure_weights(settings: Settings) -> None:

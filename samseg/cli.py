@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -300,6 +302,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             "AWS_ACCESS_KEY_ID": settings.aws_access_key_id or "samseg-local",
             "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key or "samseg-local",
         }
+    if not settings.api_tokens():
+        # The API's job routes need a bearer token (401 without one): give this session its own.
+        overrides["SAMSEG_API_TOKEN"] = secrets.token_urlsafe(32)
     if "SAMSEG_PUBLIC_BASE_URL" not in os.environ:
         shown_host = "localhost" if args.host in {"0.0.0.0", "127.0.0.1", "::"} else args.host
         overrides["SAMSEG_PUBLIC_BASE_URL"] = f"http://{shown_host}:{args.port}"
@@ -367,7 +372,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             "api",
             [sys.executable, "-m", "uvicorn", "samseg.api:app", "--host", args.host, "--port", str(args.port)],
         )
-        _print_banner(settings, device, args)
+        _print_banner(settings, device, args, generated_token="SAMSEG_API_TOKEN" in overrides)
         while not stopping:
             dead = supervisor.exited()
             if dead:
@@ -385,7 +390,7 @@ def _in_dotenv(name: str) -> bool:
     return path.is_file() and any(line.split("=", 1)[0].strip() == name for line in path.read_text().splitlines())
 
 
-def _print_banner(settings: Settings, device: str, args: argparse.Namespace) -> None:
+def _print_banner(settings: Settings, device: str, args: argparse.Namespace, *, generated_token: bool) -> None:
     api = settings.public_base_url
     n = settings.amg_points_per_side
     lines = [
@@ -403,12 +408,17 @@ def _print_banner(settings: Settings, device: str, args: argparse.Namespace) -> 
             f"  CPU only: expect roughly {seconds:.0f} s per image on {cores} cores (tiny model, {settings.amg_impl} "
             f"generator); SAM-2's default SAMSEG_AMG_POINTS_PER_SIDE=32 would take ~{full:.0f} s."
         )
-    example = json.dumps({"uuid": "demo-1", "image_url": "https://example.com/photo.jpg"})
+    tokens = settings.api_tokens()
+    token = tokens[0] if tokens else ""
+    origin = "generated for this session" if generated_token else "from SAMSEG_API_TOKEN"
+    auth = shlex.quote(f"Authorization: Bearer {token}")
+    example = shlex.quote(json.dumps({"uuid": "demo-1", "image_url": "https://example.com/photo.jpg"}))
     lines += [
+        f"  API token ({origin}): {token}",
         "  submit a job:",
         "    samseg submit --uuid demo-1 --image-url https://example.com/photo.jpg",
-        f"    curl -X POST {api}/jobs -H 'Content-Type: application/json' -d '{example}'",
-        f"  follow it:   curl {api}/jobs/demo-1",
+        f"    curl -X POST {api}/jobs -H {auth} -H 'Content-Type: application/json' -d {example}",
+        f"  follow it:   curl -H {auth} {api}/jobs/demo-1",
         "  Ctrl-C stops everything.",
         "",
     ]

@@ -2,8 +2,11 @@
 
 `image_url` ultimately comes from end users, so: http(s) only; every hop (redirects included) must
 resolve to public addresses unless private networks are allowed (the EC2 metadata service at
-169.254.169.254 hands out the worker's IAM credentials); bytes are streamed under a cap and an overall
-deadline; the pixel count is checked from the header before anything is decoded (decompression bombs).
+169.254.169.254 hands out the worker's IAM credentials) and use a port in SAMSEG_ALLOWED_IMAGE_PORTS
+(80 and 443: a public host's admin ports are no business of an image fetch); bytes are streamed under a
+cap and an overall deadline; the pixel count is checked from the header before anything is decoded
+(decompression bombs). URLs in error messages go through `redact_url`: a presigned URL's query string is
+a credential, and these messages reach logs, the callback and GET /jobs/{uuid}.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from samseg.errors import JobError
+from samseg.logs import redact_text, redact_url
 from samseg.settings import Settings
 
 # samseg enforces SAMSEG_MAX_IMAGE_PIXELS itself, from the header, before decoding; Pillow's own guard
@@ -43,7 +47,7 @@ class ImageInfo:
 
 
 def check_url(url: str, settings: Settings) -> None:
-    """Refuse schemes other than http(s) and hosts that resolve to non-public addresses."""
+    """Refuse schemes other than http(s), hosts that resolve to non-public addresses, and ports not allowed."""
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"}:
         raise JobError("image_url_scheme", f"only http and https image URLs are accepted, not {parts.scheme!r}")
@@ -56,6 +60,24 @@ def check_url(url: str, settings: Settings) -> None:
     except ValueError as exc:
         raise JobError("image_url_invalid", f"image URL has an invalid port: {exc}") from exc
     resolve_public(parts.hostname, port, settings)
+    check_port(parts.hostname, port, settings)
+
+
+def check_port(host: str, port: int, settings: Settings) -> None:
+    """Only SAMSEG_ALLOWED_IMAGE_PORTS, unless private networks are allowed or the host is allow-listed.
+
+    Checked after the address, so a private address is reported as such whatever its port. Hosts named in
+    SAMSEG_ALLOWED_IMAGE_HOSTS are trusted whole (an internal image store on :9000 is the usual reason).
+    """
+    if settings.allow_private_networks or host.lower() in settings.allowed_image_hosts:
+        return
+    if port not in settings.allowed_image_ports:
+        allowed = ",".join(str(p) for p in settings.allowed_image_ports)
+        raise JobError(
+            "image_url_port",
+            f"port {port} of {host!r} is not an allowed image port ({allowed}); "
+            "set SAMSEG_ALLOWED_IMAGE_PORTS to allow it",
+        )
 
 
 def resolve_public(host: str, port: int, settings: Settings) -> list[str]:
@@ -78,14 +100,22 @@ def resolve_public(host: str, port: int, settings: Settings) -> list[str]:
     return addresses
 
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix: IPv4 in the low 32 bits
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 SIIT: IPv4 in the low 32 bits
+# Never global, whatever the IPv4 part, though Python 3.11's `is_global` says they are:
+_NEVER_PUBLIC = (
+    ipaddress.ip_network("64:ff9b:1::/48"),  # RFC 8215 local-use NAT64: a site's own translator
+    ipaddress.ip_network("::/96"),  # IPv4-compatible ::a.b.c.d, deprecated (RFC 4291); includes :: and ::1
+)
 
 
 def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Global unicast, and so is any IPv4 address embedded in it (mapped, NAT64, 6to4, Teredo)."""
+    """Global unicast, and so is any IPv4 address embedded in it (mapped, translated, NAT64, 6to4, Teredo)."""
     if not address.is_global or address.is_multicast:
         return False
     if isinstance(address, ipaddress.IPv6Address):
+        if any(address in network for network in _NEVER_PUBLIC):
+            return False
         embedded: list[ipaddress.IPv4Address] = []
         if address.ipv4_mapped is not None:
             embedded.append(address.ipv4_mapped)
@@ -93,7 +123,7 @@ def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
             embedded.append(address.sixtofour)
         if address.teredo is not None:
             embedded.extend(address.teredo)
-        if address in _NAT64:
+        if address in _NAT64 or address in _IPV4_TRANSLATED:
             embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         return all(_is_public(v4) for v4 in embedded)
     return True
@@ -130,6 +160,7 @@ class _GuardedBackend(httpcore.SyncBackend):
     ) -> httpcore.NetworkStream:
         try:
             addresses = resolve_public(host, port, self.settings)
+            check_port(host, port, self.settings)  # check_url did too; this is the connection itself
         except JobError as exc:
             raise _Refused(exc) from None
         error: Exception | None = None
@@ -184,7 +215,7 @@ def _download(url: str, dest: Path, settings: Settings, backend: _GuardedBackend
                     if response.is_redirect:
                         location = response.headers.get("location")
                         if not location:
-                            raise JobError("image_http_error", f"redirect without Location from {url}")
+                            raise JobError("image_http_error", f"redirect without Location from {redact_url(url)}")
                         url = urljoin(url, location)
                         continue
                     _check_status(response)
@@ -249,13 +280,13 @@ def _download_error(exc: httpx.HTTPError, backend: _GuardedBackend, settings: Se
     if isinstance(exc, httpx.ConnectError):
         if isinstance(exc.__context__, _Refused):
             return exc.__context__.error
-        return JobError("image_download_failed", f"cannot connect to the image host: {exc}")
-    return JobError("image_download_failed", f"cannot download the image: {exc!r}")
+        return JobError("image_download_failed", redact_text(f"cannot connect to the image host: {exc}"))
+    return JobError("image_download_failed", redact_text(f"cannot download the image: {exc!r}"))
 
 
 def _check_status(response: httpx.Response) -> None:
     if response.status_code == 404:
-        raise JobError("image_not_found", f"the image URL answered 404 Not Found ({response.url})")
+        raise JobError("image_not_found", f"the image URL answered 404 Not Found ({redact_url(str(response.url))})")
     if response.status_code != 200:
         raise JobError("image_http_error", f"the image URL answered HTTP {response.status_code}")
 

@@ -21,7 +21,7 @@ from kombu.message import Message
 from pydantic import ValidationError
 
 from samseg.contracts import UUID_PATTERN, ErrorInfo, JobMessage
-from samseg.logs import bind_job, unbind_job
+from samseg.logs import bind_job, redact_text, redact_url, unbind_job
 from samseg.settings import Settings, get_settings
 from samseg.sqs import JobQueues
 from samseg.stores import Stores, build_stores
@@ -118,7 +118,7 @@ class IngressHandler:
         build_chain(job, claim.run_id).apply_async()
         self.stores.jobs.mark_published(job.uuid, claim.run_id)
         message.ack()
-        log.info("job_accepted", image_url=job.image_url, message_id=message_id, run_id=claim.run_id)
+        log.info("job_accepted", image_url=redact_url(job.image_url), message_id=message_id, run_id=claim.run_id)
 
     def _release(self, message: Message, delay: int) -> None:
         """Hand the message back to SQS, visible again after `delay` seconds (not after its visibility timeout).
@@ -144,7 +144,7 @@ class IngressHandler:
         from samseg.pipeline import notify
 
         bind_job(bad.uuid, "ingress")
-        log.error("ingress_rejected", reason=bad.reason, message_id=message_id, body=raw[:300])
+        log.error("ingress_rejected", reason=bad.reason, message_id=message_id, body=redact_text(raw[:300]))
         try:
             self.queues.dead_letter(raw, bad.reason, message_id)
             # A failed run of its own, only if the uuid has no record: a malformed copy never touches a real job.

@@ -1,19 +1,33 @@
-"""The callback to the app server: PATCH with bounded retries.
+"""The callback to the app server: PATCH with bounded retries, signed per Standard Webhooks.
 
 Transient failures (connection errors, timeouts, 408, 429, 5xx) are retried with exponential backoff and
 full jitter, honouring Retry-After; any other 4xx means the app server rejected the body and retrying
 would not change that, so it is reported at once.
+
+With SAMSEG_WEBHOOK_SECRET every attempt carries `webhook-id`, `webhook-timestamp` and `webhook-signature`
+(https://www.standardwebhooks.com, signed by the `standardwebhooks` package): the app server can check that
+the body came from samseg unchanged, reject replays by their timestamp, and deduplicate retries by their id.
+The id is one job run's (`webhook_id_for`), so every retry of that run — in this process or after a task
+retry elsewhere — carries the same id, and a re-run of the uuid a new one. The timestamp is each attempt's
+own, so a retry an hour later is still inside the receiver's tolerance window.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import random
+import re
 import time
+import uuid as uuid_module
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import httpx
 import structlog
+from standardwebhooks import Webhook
 
 from samseg.contracts import CallbackBody
 from samseg.settings import Settings
@@ -30,6 +44,62 @@ class Delivery:
     attempts: int
     http_status: int | None = None
     error: str | None = None
+
+
+class InsecureCallbackError(RuntimeError):
+    """SAMSEG_REQUIRE_HTTPS_CALLBACK is on and SAMSEG_APP_SERVER_URL would send callbacks in clear."""
+
+
+# What a webhook-id may hold: it travels as a header value and the receiver keys its dedupe store by it.
+_WEBHOOK_ID = re.compile(r"[A-Za-z0-9._~-]{1,256}")
+
+
+def webhook_id_for(uuid: str, run_id: str) -> str:
+    """The `webhook-id` of one job run's callback: `{uuid}.{run_id}`.
+
+    Identical for every attempt and every task retry of that run (the app server's deduplication key), and
+    different for a new run of the same uuid (a re-run after a failure is a new message, not a replay).
+    uuids never contain '.', so the receiver can split the id back at the last '.'.
+    """
+    webhook_id = f"{uuid}.{run_id}"
+    if not run_id or not _WEBHOOK_ID.fullmatch(webhook_id):
+        raise ValueError(f"not usable as a webhook-id: uuid={uuid!r} run_id={run_id!r}")
+    return webhook_id
+
+
+def is_loopback_url(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_callback_transport(settings: Settings) -> list[str]:
+    """Start-up check of where callbacks go; the warnings to log (empty when all is well).
+
+    An `http://` URL to anything but loopback sends the bearer token and the results in clear: a warning,
+    or `InsecureCallbackError` with SAMSEG_REQUIRE_HTTPS_CALLBACK=true (call this before consuming, so
+    the worker refuses to start rather than failing every job at the end).
+    """
+    url = settings.app_server_url
+    if not url:
+        return ["SAMSEG_APP_SERVER_URL is not set: no callback will be sent; results only reach GET /jobs/{uuid}"]
+    warnings: list[str] = []
+    if urlsplit(url).scheme != "https" and not is_loopback_url(url):
+        what = "the bearer token and the results" if settings.app_server_token else "the results"
+        message = f"SAMSEG_APP_SERVER_URL={url} is not https: callbacks would send {what} in clear; use an https URL"
+        if settings.require_https_callback:
+            raise InsecureCallbackError(message + " (SAMSEG_REQUIRE_HTTPS_CALLBACK=true refuses to start)")
+        warnings.append(message + " or set SAMSEG_REQUIRE_HTTPS_CALLBACK=true to refuse it")
+    if settings.webhook_secret is None and not is_loopback_url(url):
+        warnings.append(
+            "SAMSEG_WEBHOOK_SECRET is not set: callbacks are not signed, so the app server cannot check "
+            "that they come from samseg unchanged"
+        )
+    return warnings
 
 
 def callback_url(settings: Settings, uuid: str) -> str | None:
@@ -49,26 +119,45 @@ def backoff_delay(attempt: int, settings: Settings, retry_after: str | None = No
     return random.uniform(0, min(cap, settings.callback_backoff_seconds * 2**attempt))
 
 
-def send_callback(body: CallbackBody, settings: Settings, *, sleep: Callable[[float], None] = time.sleep) -> Delivery:
+def send_callback(
+    body: CallbackBody,
+    settings: Settings,
+    *,
+    webhook_id: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.time,
+) -> Delivery:
+    """PATCH `body` to the app server, retrying transient failures; never raises for HTTP trouble.
+
+    `webhook_id` should be `webhook_id_for(uuid, run_id)`; without one (and with a webhook secret) a random
+    id is used, shared by this call's attempts only. `clock` is the signing time source (tests move it).
+    """
     url = callback_url(settings, body.uuid)
     if url is None:
         log.info("callback_skipped", reason="SAMSEG_APP_SERVER_URL is not set", status=body.status)
         return Delivery(delivered=False, attempts=0, error="no app server configured")
     headers = {"Content-Type": "application/json"}
     if settings.app_server_token:
-        headers["Authorization"] = f"Bearer {settings.app_server_token}"
+        headers["Authorization"] = f"Bearer {settings.app_server_token.get_secret_value()}"
     payload = body.model_dump_json(exclude_none=True)
+    signer = Webhook(settings.webhook_secret.get_secret_value()) if settings.webhook_secret else None
+    if signer is not None and webhook_id is None:
+        webhook_id = f"msg_{uuid_module.uuid4().hex}"
     last = Delivery(delivered=False, attempts=0)
     with httpx.Client(timeout=settings.callback_timeout_seconds) as client:
         for attempt in range(1, settings.callback_max_attempts + 1):
             retry_after = None
+            if signer is not None and webhook_id is not None:
+                headers |= signature_headers(signer, webhook_id, payload, clock())
             try:
-                response = client.patch(url, content=payload, headers=headers)
+                response = client.patch(url, content=payload.encode("utf-8"), headers=headers)
             except httpx.HTTPError as exc:
                 last = Delivery(False, attempt, None, f"{type(exc).__name__}: {exc}")
             else:
                 if response.is_success:
-                    log.info("callback_delivered", http_status=response.status_code, attempts=attempt)
+                    log.info(
+                        "callback_delivered", http_status=response.status_code, attempts=attempt, webhook_id=webhook_id
+                    )
                     return Delivery(True, attempt, response.status_code)
                 last = Delivery(False, attempt, response.status_code, f"HTTP {response.status_code}")
                 if response.status_code not in RETRYABLE_STATUS:
@@ -81,3 +170,10 @@ def send_callback(body: CallbackBody, settings: Settings, *, sleep: Callable[[fl
                 sleep(delay)
     log.error("callback_failed", attempts=last.attempts, error=last.error)
     return last
+
+
+def signature_headers(signer: Webhook, webhook_id: str, payload: str, now: float) -> dict[str, str]:
+    """The three Standard Webhooks headers for one attempt, signed over exactly the bytes that are sent."""
+    seconds = math.floor(now)
+    signature = signer.sign(webhook_id, datetime.fromtimestamp(seconds, tz=UTC), payload)
+    return {"webhook-id": webhook_id, "webhook-timestamp": str(seconds), "webhook-signature": signature}

@@ -29,13 +29,14 @@ from celery import Task, chain
 from celery.exceptions import SoftTimeLimitExceeded
 
 from samseg import metrics
+from samseg.asset_urls import signed_mask_url
 from samseg.assets import work_key
 from samseg.celery_app import app
 from samseg.contracts import CallbackBody, CallbackStatus, ErrorInfo, JobMessage, JobState, Stage
 from samseg.errors import JobError
 from samseg.fetch import download_image, load_rgb, probe_image
 from samseg.masks import PackedMasks, write_packed_masks
-from samseg.notify import send_callback
+from samseg.notify import send_callback, webhook_id_for
 from samseg.results import describe_segments, mask_path
 from samseg.segmenter import get_segmenter
 from samseg.settings import Settings, get_settings
@@ -174,13 +175,17 @@ def segment(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
 def persist(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
     if not self.enter(job, Stage.PERSIST):
         return job
-    uuid, base_url = job["uuid"], self.settings.public_base_url
+    uuid, settings = job["uuid"], self.settings
     started = time.perf_counter()
+    now = time.time()  # one expiry for every signed mask URL of the job
     with self.scratch() as tmp, _storage_errors():
         masks = PackedMasks(self.fetch_work(job, MASKS_FILE, tmp / MASKS_FILE), job["width"])
         scores = json.loads(self.fetch_work(job, SCORES_FILE, tmp / SCORES_FILE).read_text())
         segments = describe_segments(
-            masks, scores["predicted_iou"], scores["stability_score"], lambda i: base_url + mask_path(uuid, i)
+            masks,
+            scores["predicted_iou"],
+            scores["stability_score"],
+            lambda i: signed_mask_url(settings.public_base_url, mask_path(uuid, i), settings, now),
         )
         body = CallbackBody(
             uuid=uuid, status="completed", segments=segments, image_width=job["width"], image_height=job["height"]
@@ -223,7 +228,8 @@ def notify(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
         if error is not None
         else CallbackBody.model_validate(data)
     )
-    delivery = send_callback(body, self.settings)
+    # One webhook-id per run: the app server's dedupe key for retries of this callback.
+    delivery = send_callback(body, self.settings, webhook_id=webhook_id_for(uuid, run_id))
     if delivery.attempts:
         metrics.CALLBACKS.labels("delivered" if delivery.delivered else "failed").inc()
     callback = CallbackStatus(

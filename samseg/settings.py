@@ -5,26 +5,40 @@ Every other module takes a `Settings` (usually `get_settings()`); nothing else r
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ModelName = Literal["sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large"]
 AmgImpl = Literal["upstream", "fast"]
 
 
+# RFC 6750's b64token: what a bearer token may contain so that it travels unchanged in an Authorization header.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+MIN_API_TOKEN_CHARS = 16
+MIN_WEBHOOK_SECRET_BYTES = 24  # Standard Webhooks: 24 to 64 random bytes
+MIN_ASSET_URL_SECRET_CHARS = 32
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SAMSEG_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # hide_input_in_errors: a rejected value can be a secret (a token, a database URL with a password), and
+    # pydantic would otherwise print it in the start-up error. Validators name the value where it is safe.
+    model_config = SettingsConfigDict(
+        env_prefix="SAMSEG_", env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
 
     # --- AWS / SQS -------------------------------------------------------------------------------------
     aws_region: str = Field("us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
     aws_access_key_id: str | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
-    aws_secret_access_key: str | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+    # repr=False: kept a str for boto3 and kombu, but never printed with the settings.
+    aws_secret_access_key: str | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY", repr=False)
     aws_endpoint_url_sqs: str | None = Field(
         None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL")
     )
@@ -38,7 +52,11 @@ class Settings(BaseSettings):
 
     # --- callback --------------------------------------------------------------------------------------
     app_server_url: str | None = None
-    app_server_token: str | None = None
+    app_server_token: SecretStr | None = None
+    # Standard Webhooks signing of every callback (webhook-id/-timestamp/-signature headers), "whsec_<base64>".
+    webhook_secret: SecretStr | None = None
+    # An app-server URL that is neither https nor loopback: a warning at worker start, or with this an error.
+    require_https_callback: bool = False
     public_base_url: str = "http://localhost:8000"
     callback_timeout_seconds: float = Field(10.0, gt=0)
     callback_max_attempts: int = Field(6, ge=1, le=20)
@@ -67,6 +85,15 @@ class Settings(BaseSettings):
     job_record_ttl_seconds: int = Field(14 * 24 * 3600, ge=3600)
     asset_ttl_seconds: int = Field(3600, ge=1)
     cleanup_interval_seconds: float = Field(3600, gt=0)
+    # Signed mask URLs (?expires=&signature=, HMAC-SHA256 bound to the path); unset = plain URLs.
+    asset_url_secret: SecretStr | None = None
+    # How long a signed mask URL stays valid; unset = SAMSEG_ASSET_TTL_SECONDS (see asset_url_ttl).
+    asset_url_ttl_seconds: int | None = Field(None, ge=1)
+
+    # --- API -------------------------------------------------------------------------------------------
+    # Bearer token(s) for POST /jobs, GET /jobs/{uuid} and /metrics; comma-separated to rotate. Unset = those
+    # routes answer 401 (secure by default: the app server's way in is SQS, guarded by IAM).
+    api_token: SecretStr | None = None
 
     # --- download --------------------------------------------------------------------------------------
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
@@ -74,6 +101,7 @@ class Settings(BaseSettings):
     download_timeout_seconds: float = Field(30.0, gt=0)
     allow_private_networks: bool = False
     allowed_image_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_image_ports: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [80, 443])
 
     # --- model -----------------------------------------------------------------------------------------
     sam2_model: ModelName = "sam2.1_hiera_tiny"
@@ -147,6 +175,93 @@ class Settings(BaseSettings):
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("allowed_image_ports", mode="before")
+    @classmethod
+    def _split_ports(cls, value: object) -> object:
+        if isinstance(value, str):
+            ports: list[int] = []
+            for item in (p.strip() for p in value.split(",")):
+                if not item:
+                    continue
+                if not item.isdigit():
+                    raise ValueError(f"ports are comma-separated numbers, got {item!r}")
+                ports.append(int(item))
+            return ports
+        return value
+
+    @field_validator("allowed_image_ports")
+    @classmethod
+    def _check_ports(cls, value: list[int]) -> list[int]:
+        bad = [p for p in value if not 1 <= p <= 65535]
+        if bad:
+            raise ValueError(f"ports are 1-65535, got {bad}")
+        if not value:
+            raise ValueError("at least one port (the default is 80,443)")
+        return list(dict.fromkeys(value))
+
+    @field_validator("api_token", "webhook_secret", "asset_url_secret", "app_server_token", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
+            return None
+        return value
+
+    @field_validator("api_token")
+    @classmethod
+    def _check_api_tokens(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        tokens = _split_tokens(value.get_secret_value())
+        if not tokens:
+            return None
+        for position, token in enumerate(tokens, 1):
+            # Never echo the token itself: say which one of the list is wrong and why.
+            if not _BEARER_TOKEN.fullmatch(token):
+                raise ValueError(
+                    f"token {position} of SAMSEG_API_TOKEN has characters a bearer token cannot carry "
+                    "(allowed: letters, digits, - . _ ~ + / and trailing =)"
+                )
+            if len(token) < MIN_API_TOKEN_CHARS:
+                raise ValueError(
+                    f"token {position} of SAMSEG_API_TOKEN is {len(token)} characters; use at least "
+                    f"{MIN_API_TOKEN_CHARS} (python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        hint = (
+            "SAMSEG_WEBHOOK_SECRET must be 'whsec_' followed by the base64 of "
+            f"{MIN_WEBHOOK_SECRET_BYTES} to 64 random bytes, e.g. python -c 'import base64, secrets; "
+            'print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())\''
+        )
+        text = value.get_secret_value().strip()
+        if not text.startswith("whsec_"):
+            raise ValueError(hint + " (the whsec_ prefix is missing)")
+        encoded = text.removeprefix("whsec_")
+        try:
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(hint + " (what follows whsec_ is not base64)") from None
+        if len(key) < MIN_WEBHOOK_SECRET_BYTES:
+            raise ValueError(hint + f" (it decodes to {len(key)} bytes)")
+        return SecretStr(text)
+
+    @field_validator("asset_url_secret")
+    @classmethod
+    def _check_asset_url_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_ASSET_URL_SECRET_CHARS:
+            raise ValueError(
+                f"SAMSEG_ASSET_URL_SECRET must be at least {MIN_ASSET_URL_SECRET_CHARS} characters "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
         return value
 
     @field_validator("device")
@@ -230,6 +345,27 @@ class Settings(BaseSettings):
         return f"sqs://{creds}{host}{port}"
 
     @property
+    def asset_url_ttl(self) -> int:
+        """Validity of a signed mask URL: SAMSEG_ASSET_URL_TTL_SECONDS, else as long as the asset is kept."""
+        return self.asset_url_ttl_seconds or self.asset_ttl_seconds
+
+    def api_tokens(self) -> list[str]:
+        """Every accepted API token (several while one is being rotated out); empty = none configured."""
+        return _split_tokens(self.api_token.get_secret_value()) if self.api_token else []
+
+    def secret_values(self) -> list[str]:
+        """The secret strings configured, for the log redactor: none of them may ever appear in a log line."""
+        values = [*self.api_tokens()]
+        for secret in (self.webhook_secret, self.app_server_token, self.asset_url_secret):
+            if secret is not None:
+                values.append(secret.get_secret_value())
+        if self.webhook_secret is not None:
+            values.append(self.webhook_secret.get_secret_value().removeprefix("whsec_"))
+        if self.aws_secret_access_key:
+            values.append(self.aws_secret_access_key)
+        return [v for v in dict.fromkeys(values) if v]
+
+    @property
     def sqs_is_secure(self) -> bool:
         return not self.aws_endpoint_url_sqs or self.aws_endpoint_url_sqs.startswith("https:")
 
@@ -239,6 +375,10 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _split_tokens(value: str) -> list[str]:
+    return [t.strip() for t in value.split(",") if t.strip()]
 
 
 def _http_url(value: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.support import REPO, VENV_BIN, LoopbackServer, Proc, Route, free_port, scene_png, wait_http
+from tests.support import API_TOKEN, REPO, VENV_BIN, LoopbackServer, Proc, Route, free_port, scene_png, wait_http
 
 _counter = itertools.count()
 
@@ -168,6 +168,7 @@ def new_stack(moto_url: str, checkpoint: Path, root: Path, prefix: str, **overri
         "SAMSEG_CALLBACK_BACKOFF_MAX_SECONDS": "1",
         "SAMSEG_VISIBILITY_TIMEOUT_SECONDS": "120",
         "SAMSEG_LOG_JSON": "true",
+        "SAMSEG_API_TOKEN": API_TOKEN,
         # Warm-up at worker start costs an image-encoder pass per worker; tests/test_health_metrics.py
         # turns it on where readiness is under test, everywhere else the first job loads the model.
         "SAMSEG_PRELOAD_MODEL": "false",

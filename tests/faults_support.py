@@ -122,6 +122,18 @@ def tree_snapshot(folder: Path) -> dict[str, tuple[int, str]]:
     return snap
 
 
+def stack_stores(env: dict[str, str]) -> tuple[Any, Any]:
+    """The Settings and stores a stack's processes build from `env`, built here the same way (the factory)."""
+    from unittest import mock
+
+    from samseg.settings import Settings
+    from samseg.stores import build_stores
+
+    with mock.patch.dict(os.environ, env, clear=True):
+        settings = Settings()
+    return settings, build_stores(settings)
+
+
 def leftovers(assets: Path) -> dict[str, list[str]]:
     """Work files left in a local blob store (none once jobs are done): `.samseg/work/{uuid}/{run}/…`."""
     work = assets / ".samseg" / "work"

@@ -21,6 +21,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
+# Every stack's API token (SAMSEG_API_TOKEN): the protected routes answer 401 without it.
+API_TOKEN = "stack-api-token-for-tests-0001"
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 VENV_BIN = Path(sys.executable).parent
 
 

@@ -86,11 +86,18 @@ def test_samseg_up_runs_the_whole_stack_and_stops_cleanly(make_stack, http_serve
         api = f"http://localhost:{port}"
         wait_http(api + "/healthz", 60)
         assert f"API {api}" in up.output() and "samseg submit" in up.output()
+        # A token of its own for the session, shown in the banner and in the curl examples.
+        (token,) = re.findall(r"API token \(generated for this session\): (\S+)", up.output())
+        assert len(token) >= 32
+        assert f"curl -H 'Authorization: Bearer {token}' {api}/jobs/demo-1" in up.output()
+        auth = {"Authorization": f"Bearer {token}"}
         pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", up.output())]
         assert len(pids) == 5  # sqs, io worker, segment worker, beat, api
 
         up.wait_for_output('"worker_ready"', 120)
-        accepted = httpx.post(f"{api}/jobs", json={"uuid": "up-1", "image_url": f"{http_server.url}/scene.png"})
+        accepted = httpx.post(
+            f"{api}/jobs", json={"uuid": "up-1", "image_url": f"{http_server.url}/scene.png"}, headers=auth
+        )
         assert accepted.status_code == 202
         (patch,) = app_server.wait_for(lambda r: r.path == CALLBACK + "up-1", timeout=180)
         body = patch.json()

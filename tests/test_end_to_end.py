@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.support import Route, scene_png
+from tests.support import AUTH, Route, scene_png
 
 CALLBACK_PREFIX = "/api/v1/re-imagine/auto-mask/"
 
@@ -65,7 +65,7 @@ def test_job_completes_with_masks_that_match_the_callback(make_stack, http_serve
     # The same body is on disk and the job status reports it.
     on_disk = httpx.get(f"{api}/assets/{uuid}/result.json", timeout=10).json()
     assert on_disk["segments"] == segments
-    status = httpx.get(f"{api}/jobs/{uuid}", timeout=10).json()
+    status = httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()
     assert status["status"] == "completed" and len(status["segments"]) == len(segments)
     assert status["callback"]["delivered"] is True
     # Exactly one callback for the job.
@@ -97,6 +97,6 @@ def test_image_404_gives_failed_callback(make_stack, http_server, app_server):
         "error": {"code": "image_not_found", "message": body["error"]["message"]},
     }
     assert "404" in body["error"]["message"]
-    status = httpx.get(f"{api}/jobs/{uuid}", timeout=10).json()
+    status = httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()
     assert status["status"] == "failed" and status["error"]["code"] == "image_not_found"
     assert not (stack.assets / uuid).exists()

@@ -26,10 +26,9 @@ from typing import Any
 
 import httpx
 import pytest
-from celery import Celery
 
-from samseg.jobs import JobStore
-from samseg.storage import AssetStore
+from samseg.contracts import JobState
+from samseg.purge import purge_expired
 from tests.faults_support import (
     CALLBACK_PREFIX,
     FaultProxy,
@@ -43,18 +42,19 @@ from tests.faults_support import (
     leftovers,
     session_cpu_seconds,
     session_pids,
+    stack_stores,
     task_received,
     tree_snapshot,
     wait_until,
 )
-from tests.support import REPO, VENV_BIN, Recorded, Route, scene_png
+from tests.support import AUTH, REPO, VENV_BIN, Recorded, Route, scene_png
 
 VISIBILITY = 30  # the minimum Settings allows
 # CPU is what these tests wait for on a 2-core box. The warm-up runs a whole image through the encoder in
 # every pool process: these tests let the segment task load the model on first use instead, and a 2x2 grid
 # (12 masks) keeps the mask decoder's share small. What the tests check does not depend on either.
 LAZY = {"SAMSEG_PRELOAD_MODEL": "false", "SAMSEG_AMG_POINTS_PER_SIDE": "2"}
-NO_LEFTOVERS = {"work": [], "staging": [], "trash": []}
+NO_LEFTOVERS: dict[str, list[str]] = {"work": []}
 
 
 def _image(http_server: Any, path: str = "/img/scene.png") -> str:
@@ -68,7 +68,7 @@ def _ensure_queues(stack: Any) -> None:
 
 
 def _status(api: str, uuid: str) -> dict[str, Any] | None:
-    response = httpx.get(f"{api}/jobs/{uuid}", timeout=10)
+    response = httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10)
     return response.json() if response.status_code == 200 else None
 
 
@@ -295,19 +295,19 @@ def test_sqs_outage_api_answers_503_fast_and_recovers(make_stack, moto_url):
         _ensure_queues(stack)
         api = stack.start_api()
         job = {"uuid": "api-out-1", "image_url": "http://127.0.0.1:9/x.png"}
-        assert httpx.post(f"{api}/jobs", json=job, timeout=30).status_code == 202
+        assert httpx.post(f"{api}/jobs", json=job, headers=AUTH, timeout=30).status_code == 202
 
         proxy.cut()
         started = time.monotonic()
-        refused = httpx.post(f"{api}/jobs", json={**job, "uuid": "api-out-2"}, timeout=60)
+        refused = httpx.post(f"{api}/jobs", json={**job, "uuid": "api-out-2"}, headers=AUTH, timeout=60)
         assert refused.status_code == 503, refused.text
         assert time.monotonic() - started < 40
         assert _status(api, "api-out-1")["status"] == "queued"  # type: ignore[index]
-        assert httpx.get(f"{api}/jobs/api-out-2", timeout=10).status_code == 404  # refused: not recorded
+        assert httpx.get(f"{api}/jobs/api-out-2", headers=AUTH, timeout=10).status_code == 404  # refused: not recorded
 
         proxy.restore()
         started = time.monotonic()
-        accepted = httpx.post(f"{api}/jobs", json={**job, "uuid": "api-out-3"}, timeout=60)
+        accepted = httpx.post(f"{api}/jobs", json={**job, "uuid": "api-out-3"}, headers=AUTH, timeout=60)
         assert accepted.status_code == 202, accepted.text
         assert time.monotonic() - started < 10
         client = stack.sqs()
@@ -356,11 +356,11 @@ def test_sqs_outage_worker_survives_idles_and_reconnects(make_stack, moto_url, h
 
 def test_purge_running_throughout_a_job_never_touches_its_unfinished_work(make_stack, http_server, app_server):
     """Fault: the purge runs continuously while a real job goes through every stage — beat schedules
-    `samseg.purge` every 2 s on the worker, and the test process calls AssetStore.purge in a tight loop
-    with a stricter work age (the visibility timeout). Planted abandoned leftovers and an expired job folder
-    prove the purge is live. Outcome: the leftovers go, the job's work/staging folders are untouched, the
-    job completes, and at the moment its callback arrives (checked inside the app server's handler) its
-    folder on disk is complete."""
+    `samseg.purge` every 2 s on the worker, and the test process runs samseg's own purge (purge_expired, with
+    the stores the factory builds from the stack's settings) in a tight loop. Planted leftovers — an expired
+    finished job with its folder, and an abandoned work folder of a run nobody knows — prove the purge is
+    live. Outcome: both go, the live job's work files are untouched, the job completes, and at the moment its
+    callback arrives (checked inside the app server's handler) its folder on disk is complete."""
     ttl = 60
     stack = make_stack(
         SAMSEG_APP_SERVER_URL=app_server.url,
@@ -369,23 +369,17 @@ def test_purge_running_throughout_a_job_never_touches_its_unfinished_work(make_s
         SAMSEG_CLEANUP_INTERVAL_SECONDS="2",
         **LAZY,
     )
-    store = AssetStore(stack.assets)
-    store.ensure_layout()
+    settings, stores = stack_stores(stack.env)
+    stores.jobs.ensure()
     old = time.time() - 3600
-    planted = [
-        stack.assets / "expired-job",
-        store.work_root / "abandoned-w",
-        store.staging_root / "abandoned-s.0bad",
-        store.trash_root / "abandoned-t.0bad",
-        store.claims_root / "abandoned-c",
-    ]
-    for path in planted:
-        if path.parent == store.claims_root:
-            path.write_text("{}")
-        else:
-            path.mkdir()
-            (path / "x").write_text("x")
-        os.utime(path, (old, old))
+    expired = stores.jobs.claim("expired-job", "m-old", now=old)
+    assert stores.jobs.advance("expired-job", expired.run_id, JobState.COMPLETED, now=old)
+    stores.blobs.put("expired-job/result.json", b"{}")
+    stores.blobs.put("expired-job/mask_images/mask_000.png", b"x")
+    abandoned = stack.assets / ".samseg" / "work" / "abandoned-w" / "0bad0bad0bad"
+    abandoned.mkdir(parents=True)
+    (abandoned / "source").write_text("x")
+    os.utime(abandoned / "source", (old, old))
 
     uuid = "purge-live-1"
     at_callback: list[list[str]] = []
@@ -405,15 +399,15 @@ def test_purge_running_throughout_a_job_never_touches_its_unfinished_work(make_s
 
     def purge_loop() -> None:
         while not stop.is_set():
-            store.purge(max_age_seconds=ttl, work_max_age_seconds=VISIBILITY)
-            seen_work[0] |= store.work_dir(uuid).exists()
+            purge_expired(stores, settings)
+            seen_work[0] |= (stack.assets / ".samseg" / "work" / uuid).is_dir()
             rounds[0] += 1
             time.sleep(0.01)
 
     looper = threading.Thread(target=purge_loop, daemon=True)
     looper.start()
     try:
-        httpx.post(f"{api}/jobs", json={"uuid": uuid, "image_url": _image(http_server)}, timeout=30)
+        httpx.post(f"{api}/jobs", json={"uuid": uuid, "image_url": _image(http_server)}, headers=AUTH, timeout=30)
         body = _exactly_one_callback(app_server, uuid, timeout=120, settle=0)
         wait_until(lambda: at_callback, 10, "the check made inside the callback handler")
     finally:
@@ -423,8 +417,9 @@ def test_purge_running_throughout_a_job_never_touches_its_unfinished_work(make_s
     assert body["status"] == "completed" and body["segments"], body
     assert at_callback == [[]], at_callback
     assert download_masks(body) == []
-    assert seen_work[0] and rounds[0] > 50, (seen_work, rounds)
-    assert [p.name for p in planted if p.exists()] == []
+    assert seen_work[0] and rounds[0] > 20, (seen_work, rounds)
+    assert not (stack.assets / "expired-job").exists() and not abandoned.exists()
+    assert stores.jobs.get("expired-job").assets_purged
     wait_until(lambda: count_events(worker, "assets_purged") > 0, 30, "a scheduled purge on the worker")
     assert leftovers(stack.assets) == NO_LEFTOVERS
 
@@ -443,33 +438,33 @@ def _mount_tmpfs(path: Path, size: str) -> None:
 
 
 def test_disk_full_while_writing_masks_fails_cleanly_and_worker_keeps_serving(make_stack, http_server, app_server):
-    """Fault: the filesystem the job folder is built on is full — a 4 KiB tmpfs is mounted on
-    `.samseg/staging`, where persist writes the PNGs. Outcome: a `failed` callback with code `disk_full`,
-    job status failed/disk_full, no job folder, no staging or work leftovers; after the disk is freed
-    (unmounted) the same worker completes the next job."""
+    """Fault: the filesystem the job's masks are written to is full — a 4 KiB tmpfs is mounted on the job's
+    folder, where persist writes the PNGs. Outcome: a `failed` callback with code `disk_full`, job status
+    failed/disk_full, nothing left in the folder (no unpublished masks) and no work leftovers; after the disk
+    is freed (unmounted) the same worker completes the next job."""
     if shutil.which("mount") is None:
         pytest.skip("no mount(8) here")
     stack = make_stack(SAMSEG_APP_SERVER_URL=app_server.url, **LAZY)
-    store = AssetStore(stack.assets)
-    store.ensure_layout()
-    _mount_tmpfs(store.staging_root, "4k")
+    uuid = "full-1"
+    folder = stack.assets / uuid
+    folder.mkdir(parents=True)
+    _mount_tmpfs(folder, "4k")
     mounted = True
     try:
         api = stack.start_api()
         worker = stack.start_worker("-c", "1")
         image = _image(http_server)
 
-        uuid = "full-1"
         stack.send_raw(json.dumps({"uuid": uuid, "image_url": image}))
         body = _exactly_one_callback(app_server, uuid, timeout=120, settle=2)
         assert body["status"] == "failed" and body["error"]["code"] == "disk_full", body
         assert body["segments"] == []
         status = _status(api, uuid)
         assert status and status["status"] == "failed" and status["error"]["code"] == "disk_full", status
-        assert not (stack.assets / uuid).exists()
+        assert [p for p in folder.rglob("*") if p.is_file()] == []
         assert leftovers(stack.assets) == NO_LEFTOVERS
 
-        subprocess.run(["umount", str(store.staging_root)], check=True)
+        subprocess.run(["umount", str(folder)], check=True)
         mounted = False
         stack.send_raw(json.dumps({"uuid": "full-2", "image_url": image}))
         body = _exactly_one_callback(app_server, "full-2", timeout=120, settle=0)
@@ -478,7 +473,7 @@ def test_disk_full_while_writing_masks_fails_cleanly_and_worker_keeps_serving(ma
         assert worker.popen.poll() is None
     finally:
         if mounted:
-            subprocess.run(["umount", "-l", str(store.staging_root)], check=False)
+            subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -542,10 +537,9 @@ def _gpu_depth(stack: Any) -> int:
 def test_purge_keeps_the_state_of_a_job_waiting_in_a_gpu_backlog(make_stack, http_server, app_server):
     """Fault: the GPU tier is backlogged — no GPU worker consumes while the scheduled purge runs
     TTL + visibility timeout after the job was downloaded (default 1 h + 1 h). The purge is samseg's own
-    AssetStore.purge with the arguments `samseg.purge` passes, run with its `now` moved forward by that
-    much; then a duplicate message of the job arrives, then a GPU worker comes up. Outcome expected: the
-    queued job's downloaded image and its claim survive, the duplicate is ignored, and the job completes
-    with one callback."""
+    purge_expired on the stack's stores, run with its `now` moved forward by that much; then a duplicate
+    message of the job arrives, then a GPU worker comes up. Outcome expected: the waiting run's downloaded
+    image and its record survive, the duplicate is ignored, and the job completes with one callback."""
     ttl = 3600
     stack = make_stack(
         SAMSEG_APP_SERVER_URL=app_server.url,
@@ -558,14 +552,14 @@ def test_purge_keeps_the_state_of_a_job_waiting_in_a_gpu_backlog(make_stack, htt
     raw = json.dumps({"uuid": uuid, "image_url": _image(http_server)})
     stack.send_raw(raw)
     wait_until(lambda: _gpu_depth(stack) == 1, 60, "the segment message waiting on the gpu queue")
-    store = AssetStore(stack.assets)
-    assert store.work_dir(uuid).is_dir() and (store.claims_root / uuid).is_file()
+    settings, stores = stack_stores(stack.env)
+    run_id = stores.jobs.get(uuid).run_id
+    work = stack.assets / ".samseg" / "work" / uuid / run_id
+    assert (work / "source").is_file()
 
     later = time.time() + ttl + VISIBILITY + 1
-    # What samseg.purge does then, with the stack's own job database.
-    jobs = JobStore(Celery(backend=f"db+sqlite:///{(stack.assets / '.samseg' / 'jobs.sqlite').resolve()}"))
-    store.purge(ttl, work_max_age_seconds=ttl + VISIBILITY, now=later, in_progress=jobs.in_progress)
-    kept = {"work": store.work_dir(uuid).is_dir(), "claim": (store.claims_root / uuid).is_file()}
+    purge_expired(stores, settings, now=later)  # what samseg.purge does then, on the stack's own stores
+    kept = {"work": (work / "source").is_file(), "record": stores.jobs.get(uuid).run_id == run_id}
 
     stack.send_raw(raw)  # SQS delivers it again / the app server retries
     wait_until(
@@ -577,7 +571,7 @@ def test_purge_keeps_the_state_of_a_job_waiting_in_a_gpu_backlog(make_stack, htt
         "accepted": count_events(io, "job_accepted", uuid),
         "ignored": count_events(io, "job_duplicate_ignored", uuid),
     }
-    assert kept == {"work": True, "claim": True} and duplicate == {"accepted": 1, "ignored": 1}, (kept, duplicate)
+    assert kept == {"work": True, "record": True} and duplicate == {"accepted": 1, "ignored": 1}, (kept, duplicate)
 
     stack.start_worker("-Q", stack.env["SAMSEG_QUEUE_PREFIX"] + "gpu", "-c", "1", name="gpu")
     body = _exactly_one_callback(app_server, uuid, timeout=120)

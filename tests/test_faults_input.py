@@ -39,7 +39,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Stack, new_stack
-from tests.support import LoopbackServer, Proc, Route, free_port, scene_png
+from tests.support import AUTH, LoopbackServer, Proc, Route, free_port, scene_png
 
 pytestmark = pytest.mark.slow
 
@@ -188,6 +188,8 @@ def raw_get(base_url: str, path: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.putrequest("GET", path, skip_host=False, skip_accept_encoding=True)
+        for name, value in AUTH.items():
+            conn.putheader(name, value)
         conn.endheaders()
         response = conn.getresponse()
         return response.status, response.read()
@@ -199,7 +201,7 @@ def post_json(base_url: str, path: str, data: Any) -> int:
     port = int(base_url.rsplit(":", 1)[1])
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.request("POST", path, body=json.dumps(data), headers={"Content-Type": "application/json"})
+        conn.request("POST", path, body=json.dumps(data), headers={"Content-Type": "application/json", **AUTH})
         response = conn.getresponse()
         response.read()
         return response.status

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -308,6 +309,126 @@ def test_ipv6_translations_of_private_ipv4_are_refused(url):
     assert code_of(lambda: check_url(url, make_settings())) == "image_url_forbidden"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[64:ff9b:1::a9fe:a9fe]/",  # RFC 8215 local-use NAT64, 169.254.169.254 at the end
+        "http://[64:ff9b:1:a9fe:a9:fe00::]/",  # ... and in RFC 6052's /48 layout
+        "http://[64:ff9b:1::5db8:d822]/",  # local-use NAT64 is a site's own translator, whatever it embeds
+        "http://[::a9fe:a9fe]/",  # IPv4-compatible ::169.254.169.254 (deprecated ::/96)
+        "http://[::169.254.169.254]/",
+        "http://[::7f00:1]/",  # ::127.0.0.1
+        "http://[::a00:1]/",  # ::10.0.0.1
+        "http://[::5db8:d822]/",  # ::93.184.216.34: no IPv4-compatible address is public
+        "http://[::ffff:0:a9fe:a9fe]/",  # RFC 2765 IPv4-translated ::ffff:0:169.254.169.254
+    ],
+)
+def test_forms_python_311_calls_global_are_refused(url):
+    # Python 3.11's ipaddress says each of these `is_global` (later versions fix some): samseg checks itself.
+    with pytest.raises(JobError) as info:
+        check_url(url, make_settings())
+    assert info.value.code == "image_url_forbidden"
+
+
+def test_ipv4_translated_with_a_public_address_passes():
+    check_url("http://[::ffff:0:5db8:d822]/cat.png", make_settings())  # only resolved, never contacted
+
+
+# --- check_url: ports ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["http://93.184.216.34:8080/cat.png", "https://93.184.216.34:8443/cat.png", "http://93.184.216.34:22/"]
+)
+def test_ports_outside_the_allowed_list_are_refused(url):
+    with pytest.raises(JobError) as info:
+        check_url(url, make_settings())
+    assert info.value.code == "image_url_port"
+    assert "SAMSEG_ALLOWED_IMAGE_PORTS" in info.value.message and "80,443" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://93.184.216.34/cat.png",
+        "http://93.184.216.34:80/",
+        "https://93.184.216.34:443/",
+        "https://[2606:4700::1]/",
+    ],
+)
+def test_default_ports_pass(url):
+    check_url(url, make_settings())
+
+
+def test_allowed_image_ports_setting(monkeypatch):
+    monkeypatch.setenv("SAMSEG_ALLOWED_IMAGE_PORTS", "443,8443")
+    settings = Settings(_env_file=None)
+    check_url("https://93.184.216.34:8443/cat.png", settings)
+    check_url("https://93.184.216.34/cat.png", settings)
+    assert code_of(lambda: check_url("http://93.184.216.34/cat.png", settings)) == "image_url_port"  # 80 now out
+
+
+def test_private_networks_and_allow_listed_hosts_lift_the_port_limit(monkeypatch):
+    check_url("http://127.0.0.1:9000/cat.png", make_settings(allow_private_networks=True))
+    check_url("http://93.184.216.34:9000/cat.png", make_settings(allow_private_networks=True))
+    allow_listed = make_settings(allowed_image_hosts=["localhost"])
+    check_url("http://localhost:9000/cat.png", allow_listed)
+    assert code_of(lambda: check_url("http://93.184.216.34:9000/", allow_listed)) == "image_url_port"
+
+
+def test_a_private_address_is_reported_as_such_on_any_port():
+    assert code_of(lambda: check_url("http://169.254.169.254:8080/", make_settings())) == "image_url_forbidden"
+
+
+def test_redirect_to_a_port_not_allowed_is_refused_before_connecting(server, tmp_path, loopback_only, monkeypatch):
+    """Every hop's port is checked: a public name that redirects to its own :2375 is stopped there."""
+    real = socket.getaddrinfo
+
+    def fake(host, port, *args, **kwargs):
+        if host == "images.example":  # a "public" host that is really this loopback server
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    server.routes["/r"] = Route(302, headers={"Location": "http://93.184.216.34:2375/containers/json"})
+    settings = make_settings(allowed_image_hosts=["images.example"])
+    dest = tmp_path / "img"
+    assert code_of(lambda: download_image(f"http://images.example:{server.port}/r", dest, settings)) == (
+        "image_url_port"
+    )
+    assert [r.path for r in server.requests] == ["/r"]
+    assert loopback_only == []
+
+
+def test_the_connection_itself_checks_the_port(tmp_path):
+    """Defence in depth: the connect-time guard refuses a port even if check_url were bypassed."""
+    from samseg.fetch import _client, _GuardedBackend, _Refused
+
+    settings = make_settings()
+    backend = _GuardedBackend(settings)
+    with _client(settings, backend) as client, pytest.raises(httpx.ConnectError) as info:
+        client.get("http://93.184.216.34:8080/cat.png")
+    refused = info.value.__context__
+    assert isinstance(refused, _Refused) and refused.error.code == "image_url_port"
+
+
+# --- URLs in error messages ---------------------------------------------------------------------------
+
+
+def test_error_messages_carry_no_query_string(server, tmp_path):
+    server.routes["/missing.png"] = Route(404)
+    url = server.url + "/missing.png?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeef#frag"
+    with pytest.raises(JobError) as info:
+        download_image(url, tmp_path / "img", make_settings(**LOOPBACK))
+    assert info.value.code == "image_not_found"
+    assert server.url + "/missing.png" in info.value.message
+    assert "AKIAEXAMPLE" not in info.value.message and "deadbeef" not in info.value.message
+    server.routes["/r"] = Route(302)
+    with pytest.raises(JobError) as info:
+        download_image(server.url + "/r?token=hunter2-secret", tmp_path / "img", make_settings(**LOOPBACK))
+    assert info.value.code == "image_http_error" and "hunter2-secret" not in info.value.message
+
+
 # --- download_image -----------------------------------------------------------------------------------
 
 
@@ -530,7 +651,7 @@ def test_dns_rebinding_cannot_reach_a_private_address(server, tmp_path, monkeypa
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     url = f"http://rebind.test:{server.port}/img"
     with pytest.raises(JobError) as info:
-        download_image(url, tmp_path / "img", make_settings())
+        download_image(url, tmp_path / "img", make_settings(allowed_image_ports=[server.port]))
     assert info.value.code == "image_url_forbidden"
     assert answers[0] == "93.184.216.34"  # the policy saw a public address first ...
     assert server.requests == []  # ... and the private one was never contacted

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from tests.support import VENV_BIN, Route, free_port, scene_png
+from tests.support import AUTH, VENV_BIN, Route, free_port, scene_png
 
 
 def _healthcheck(env, *extra):
@@ -63,7 +63,7 @@ def test_readyz_fails_while_the_broker_is_down(make_stack):
     response = httpx.get(f"{api}/readyz", timeout=60)
     assert response.status_code == 503
     checks = response.json()["checks"]
-    assert checks["broker"]["ok"] is False and checks["assets_writable"]["ok"] is True
+    assert checks["broker"]["ok"] is False and checks["blob_store"]["ok"] is True and checks["job_store"]["ok"] is True
 
 
 def test_readyz_passes_and_reports_low_disk(make_stack):
@@ -92,7 +92,7 @@ def test_metrics_move_after_a_job(make_stack, http_server, app_server):
     stack = make_stack(SAMSEG_APP_SERVER_URL=app_server.url)
     api = stack.start_api()
     stack.start_worker()
-    before = httpx.get(f"{api}/metrics", timeout=30).text
+    before = httpx.get(f"{api}/metrics", headers=AUTH, timeout=30).text
     assert _sample(before, "samseg_jobs_total", outcome="completed") == 0
     assert f'samseg_queue_depth{{queue="{stack.jobs_queue}"}}' in before
 
@@ -101,7 +101,7 @@ def test_metrics_move_after_a_job(make_stack, http_server, app_server):
     masks = len(patch.json()["segments"])
     time.sleep(1)  # the notify task's postrun records its duration just after the callback
 
-    after = httpx.get(f"{api}/metrics", timeout=30).text
+    after = httpx.get(f"{api}/metrics", headers=AUTH, timeout=30).text
     assert _sample(after, "samseg_jobs_total", outcome="completed") == 1
     for stage in ("download", "segment", "persist", "notify"):
         assert _sample(after, "samseg_stage_duration_seconds_count", stage=stage) == 1, stage

@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from tests.support import Route, scene_png
+from tests.support import AUTH, Route, scene_png
 
 
 def test_status_reports_stages_of_running_and_finished_job(make_stack, http_server, app_server):
@@ -20,8 +20,10 @@ def test_status_reports_stages_of_running_and_finished_job(make_stack, http_serv
     stack.start_worker()
 
     uuid = "status-1"
-    assert httpx.get(f"{api}/jobs/{uuid}", timeout=10).status_code == 404
-    accepted = httpx.post(f"{api}/jobs", json={"uuid": uuid, "image_url": f"{http_server.url}/slow.png"}, timeout=30)
+    assert httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).status_code == 404
+    accepted = httpx.post(
+        f"{api}/jobs", json={"uuid": uuid, "image_url": f"{http_server.url}/slow.png"}, headers=AUTH, timeout=30
+    )
     assert accepted.status_code == 202
     assert accepted.json()["status"] == "queued"
     assert accepted.json()["status_url"].endswith(f"/jobs/{uuid}")
@@ -29,7 +31,7 @@ def test_status_reports_stages_of_running_and_finished_job(make_stack, http_serv
     seen: list[tuple[str, str | None]] = []
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        status = httpx.get(f"{api}/jobs/{uuid}", timeout=10).json()
+        status = httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()
         step = (status["status"], status.get("stage"))
         if not seen or seen[-1] != step:
             seen.append(step)
@@ -43,7 +45,7 @@ def test_status_reports_stages_of_running_and_finished_job(make_stack, http_serv
     order = ["download", "segment", "persist", "notify"]
     stages = [order.index(stage) for state, stage in seen if state == "running"]
     assert stages == sorted(stages), f"stages went backwards: {seen}"
-    final = httpx.get(f"{api}/jobs/{uuid}", timeout=10).json()
+    final = httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()
     assert final["segments"] and final["callback"] == {"delivered": True, "attempts": 1, "http_status": 200}
 
 
@@ -51,6 +53,6 @@ def test_unknown_and_unsafe_job_ids_are_404(make_stack):
     stack = make_stack()
     api = stack.start_api()
     for uuid in ["never-seen", "..", "%2e%2e%2fetc", "a%00b"]:
-        assert httpx.get(f"{api}/jobs/{uuid}", timeout=10).status_code == 404
-    bad = httpx.post(f"{api}/jobs", json={"uuid": "../x", "image_url": "http://x/y.png"}, timeout=10)
+        assert httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).status_code == 404
+    bad = httpx.post(f"{api}/jobs", json={"uuid": "../x", "image_url": "http://x/y.png"}, headers=AUTH, timeout=10)
     assert bad.status_code == 422

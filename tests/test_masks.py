@@ -220,3 +220,35 @@ def test_write_mask_pngs_accepts_a_list_of_different_sizes(tmp_path):
     paths = write_mask_pngs(masks, tmp_path)
     for mask, path in zip(masks, paths, strict=True):
         np.testing.assert_array_equal(decode_png(path.read_bytes()), mask)
+
+
+# --- bit-packed masks: geometry, PNGs and the .npy hand-off without unpacking ---------------------------------
+@pytest.mark.parametrize("shape", [(1, 1), (7, 9), (16, 8), (33, 65), (5, 1000)])
+def test_packed_geometry_and_png_match_the_unpacked_ones(shape):
+    from samseg.masks import encode_packed_png, packed_geometry
+
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    for density in (0.0, 0.01, 0.5, 1.0):
+        mask = rng.random(shape) < density
+        packed = np.packbits(mask, axis=1)
+        assert packed_geometry(packed, shape[1]) == mask_geometry(mask)
+        np.testing.assert_array_equal(decode_png(encode_packed_png(packed, shape[1])), mask)
+
+
+def test_packed_masks_file_reads_one_mask_at_a_time_and_checks_its_shape(tmp_path):
+    from samseg.masks import PackedMasks, write_packed_masks
+
+    rng = np.random.default_rng(3)
+    masks = [rng.random((13, 21)) > 0.5 for _ in range(5)]
+    write_packed_masks(tmp_path / "m.npy", masks, 5, 13, 21)
+    packed = PackedMasks(tmp_path / "m.npy", 21)
+    assert len(packed) == 5
+    for index, mask in enumerate(masks):
+        np.testing.assert_array_equal(np.unpackbits(packed.read(index), axis=1, count=21).astype(bool), mask)
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), np.packbits(np.stack(masks), axis=-1))  # plain .npy
+    with pytest.raises(ValueError, match="width"):
+        PackedMasks(tmp_path / "m.npy", 40)
+    with pytest.raises(ValueError, match="expected"):
+        write_packed_masks(tmp_path / "bad.npy", [np.zeros((2, 2), bool)], 1, 3, 3)
+    with pytest.raises(ValueError, match="announced"):
+        write_packed_masks(tmp_path / "short.npy", masks[:2], 3, 13, 21)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import random
+import secrets
 import threading
+import time
 from http.server import ThreadingHTTPServer
 
 import pytest
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from samseg.contracts import BBox, CallbackBody, ErrorInfo, Point, Segment
-from samseg.notify import backoff_delay, callback_url, send_callback
+from samseg.notify import (
+    InsecureCallbackError,
+    backoff_delay,
+    callback_url,
+    check_callback_transport,
+    send_callback,
+    webhook_id_for,
+)
 from samseg.settings import Settings
 from tests.support import LoopbackServer, Route, free_port
 
@@ -322,3 +333,126 @@ def test_zero_base_means_no_waiting():
 )
 def test_backoff_with_retry_after(retry_after, expected):
     assert backoff_delay(0, make_settings(None), retry_after) == expected
+
+
+# --- Standard Webhooks signatures ---------------------------------------------------------------------
+
+SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+class MovingClock:
+    """Real time plus whatever the fake sleeps "waited", so each attempt signs at its own (later) second."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        self.offset += max(seconds, 1.0)  # at least a second: the timestamp header has second resolution
+
+
+def test_every_attempt_is_signed_with_one_id_and_its_own_timestamp(app_server):
+    """A 500 then a 200: both requests verify with the receiver's copy of the secret, same id, fresh signature."""
+    app_server.routes[PATH] = sequence(Route(500, b"oops"), Route(200))
+    clock = MovingClock()
+    webhook_id = webhook_id_for(UUID, "3f2a9c01b7d4")
+    settings = make_settings(app_server.url, webhook_secret=SECRET, app_server_token="TOKEN")
+    result = send_callback(completed_body(), settings, webhook_id=webhook_id, sleep=clock.sleep, clock=clock)
+    assert (result.delivered, result.attempts) == (True, 2)
+
+    receiver = Webhook(SECRET)
+    first, second = app_server.requests
+    for request in (first, second):
+        assert receiver.verify(request.body, request.headers) == completed_body().model_dump(
+            mode="json", exclude_none=True
+        )
+        assert header(request, "webhook-id") == webhook_id
+        assert header(request, "Authorization") == "Bearer TOKEN"  # the bearer token keeps working beside it
+    assert int(header(second, "webhook-timestamp")) > int(header(first, "webhook-timestamp"))
+    assert header(second, "webhook-signature") != header(first, "webhook-signature")
+    assert header(first, "webhook-signature").startswith("v1,")
+
+
+def test_a_tampered_body_or_another_secret_fails_verification(app_server):
+    settings = make_settings(app_server.url, webhook_secret=SECRET)
+    assert send_callback(completed_body(), settings, webhook_id=webhook_id_for(UUID, "r1"), sleep=Sleeps()).delivered
+    (request,) = app_server.requests
+    Webhook(SECRET).verify(request.body, request.headers)  # the untouched request passes ...
+    tampered = request.body.replace(b'"area":4321', b'"area":4322')
+    assert tampered != request.body
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(tampered, request.headers)
+    other = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    with pytest.raises(WebhookVerificationError):
+        Webhook(other).verify(request.body, request.headers)
+    replayed_later = {**request.headers, "webhook-timestamp": str(int(time.time()) + 3600)}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(request.body, replayed_later)
+
+
+def test_two_runs_of_one_uuid_get_different_ids(app_server):
+    settings = make_settings(app_server.url, webhook_secret=SECRET)
+    for run_id in ("run-one", "run-two"):
+        result = send_callback(completed_body(), settings, webhook_id=webhook_id_for(UUID, run_id), sleep=Sleeps())
+        assert result.delivered
+    ids = [header(r, "webhook-id") for r in app_server.requests]
+    assert ids == [f"{UUID}.run-one", f"{UUID}.run-two"]
+    for request in app_server.requests:
+        Webhook(SECRET).verify(request.body, request.headers)
+
+
+def test_without_an_id_one_call_still_shares_a_random_id_across_its_attempts(app_server):
+    app_server.routes[PATH] = sequence(Route(503), Route(200))
+    settings = make_settings(app_server.url, webhook_secret=SECRET)
+    assert send_callback(completed_body(), settings, sleep=Sleeps()).attempts == 2
+    ids = {header(r, "webhook-id") for r in app_server.requests}
+    assert len(ids) == 1 and next(iter(ids)).startswith("msg_")
+
+
+def test_no_secret_means_no_signature_headers(app_server):
+    send_callback(completed_body(), make_settings(app_server.url), webhook_id=webhook_id_for(UUID, "r"), sleep=Sleeps())
+    (request,) = app_server.requests
+    assert [h for h in request.headers if h.lower().startswith("webhook-")] == []
+
+
+@pytest.mark.parametrize(("uuid", "run_id"), [(UUID, ""), (UUID, "has space"), (UUID, "new\nline")])
+def test_webhook_id_refuses_what_cannot_be_a_header(uuid, run_id):
+    with pytest.raises(ValueError, match="webhook-id"):
+        webhook_id_for(uuid, run_id)
+
+
+# --- callback transport check -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["https://app.example.com", "http://127.0.0.1:3000", "http://localhost:3000", "http://[::1]:3000"]
+)
+def test_https_or_loopback_callback_urls_pass(url):
+    settings = make_settings(url, webhook_secret=SECRET, require_https_callback=True)
+    assert check_callback_transport(settings) == []
+
+
+@pytest.mark.parametrize("url", ["http://app.example.com", "http://app:3000", "http://10.0.0.5"])
+def test_plain_http_to_another_host_warns(url):
+    (warning,) = check_callback_transport(make_settings(url, webhook_secret=SECRET, app_server_token="T"))
+    assert "is not https" in warning and "bearer token" in warning
+    assert "SAMSEG_REQUIRE_HTTPS_CALLBACK" in warning
+
+
+def test_plain_http_to_another_host_is_a_start_up_error_when_https_is_required():
+    settings = make_settings("http://app.example.com", webhook_secret=SECRET, require_https_callback=True)
+    with pytest.raises(InsecureCallbackError, match="SAMSEG_REQUIRE_HTTPS_CALLBACK=true refuses to start"):
+        check_callback_transport(settings)
+
+
+def test_unset_app_server_url_warns():
+    (warning,) = check_callback_transport(make_settings(None))
+    assert "SAMSEG_APP_SERVER_URL is not set" in warning
+
+
+def test_unsigned_callbacks_to_a_remote_host_warn():
+    (warning,) = check_callback_transport(make_settings("https://app.example.com"))
+    assert "SAMSEG_WEBHOOK_SECRET is not set" in warning
+    assert check_callback_transport(make_settings("http://127.0.0.1:3000")) == []  # a local dev server: quiet

@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from tests.support import VENV_BIN, Route, scene_png
+from tests.support import AUTH, VENV_BIN, Route, scene_png
 
 CALLBACK = "/api/v1/re-imagine/auto-mask/"
 
@@ -26,7 +26,7 @@ def test_redelivered_stages_of_a_finished_run_are_passed_through(make_stack, htt
     uuid = "replay-1"
     stack.send_raw(json.dumps({"uuid": uuid, "image_url": f"{http_server.url}/r.png"}))
     (first,) = app_server.wait_for(lambda r: r.path == CALLBACK + uuid, timeout=180)
-    status = httpx.get(f"{api}/jobs/{uuid}", timeout=10).json()
+    status = httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()
     assert status["status"] == "completed"
     done = first.json()
     job = {
@@ -63,6 +63,6 @@ def test_redelivered_stages_of_a_finished_run_are_passed_through(make_stack, htt
     assert worker.output().count('"stage_replay_skipped"') == 2  # persist and segment
     time.sleep(2)
     assert len([r for r in app_server.requests if r.path == CALLBACK + uuid]) == 1
-    after = httpx.get(f"{api}/jobs/{uuid}", timeout=10).json()
+    after = httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()
     assert after["status"] == "completed" and after["segments"] == status["segments"]
     assert httpx.get(done["segments"][0]["mask_url"], timeout=10).status_code == 200

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from tests.faults_support import callbacks, count_events, is_callback, task_received, wait_until
-from tests.support import Route, scene_png
+from tests.support import AUTH, Route, scene_png
 
 VISIBILITY = 30
 
@@ -124,7 +124,7 @@ def test_job_completes_across_three_hosts_without_a_shared_directory(
     assert _objects(moto_url, shared_aws["SAMSEG_STORAGE_URL"], ".samseg/work/") == []  # work files cleaned up
 
     # GET /jobs answers from the table, which holds what the workers wrote.
-    status = httpx.get(f"{api}/jobs/{uuid}", timeout=10).json()
+    status = httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()
     assert status["status"] == "completed" and len(status["segments"]) == len(body["segments"])
     table = shared_aws["SAMSEG_JOB_STORE_URL"].removeprefix("dynamodb://")
     item = _aws(moto_url, "dynamodb").get_item(TableName=table, Key={"uuid": {"S": uuid}}, ConsistentRead=True)["Item"]
@@ -148,7 +148,7 @@ def test_job_completes_across_three_hosts_without_a_shared_directory(
     assert report["objects"] == len(keys)
     assert _objects(moto_url, shared_aws["SAMSEG_STORAGE_URL"], f"{uuid}/") == []
     assert httpx.get(body["segments"][0]["mask_url"], timeout=10).status_code == 404
-    after = httpx.get(f"{api}/jobs/{uuid}", timeout=10).json()
+    after = httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()
     assert after["status"] == "completed" and "segments" not in after
 
 
@@ -171,7 +171,9 @@ def test_worker_sigkilled_during_segment_completes_once_with_s3_and_dynamodb(
     uuid = "scale-out-kill"
     stack.send_raw(json.dumps({"uuid": uuid, "image_url": f"{http_server.url}/img/scene.png"}))
     wait_until(
-        lambda: httpx.get(f"{api}/jobs/{uuid}", timeout=5).json().get("stage") == "segment", 90, "segment to start"
+        lambda: httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=5).json().get("stage") == "segment",
+        90,
+        "segment to start",
     )
     time.sleep(1.0)  # into the stage: the model loads on first use
     gpu_worker.kill(signal.SIGKILL)
@@ -197,4 +199,4 @@ def test_worker_sigkilled_during_segment_completes_once_with_s3_and_dynamodb(
         assert _mask_matches(httpx.get(segment["mask_url"], timeout=10).content, segment) == []
     assert task_received(replacement, uuid, "download") == 0
     assert _objects(moto_url, shared_aws["SAMSEG_STORAGE_URL"], ".samseg/work/") == []
-    assert httpx.get(f"{api}/jobs/{uuid}", timeout=10).json()["status"] == "completed"
+    assert httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()["status"] == "completed"

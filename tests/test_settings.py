@@ -9,7 +9,6 @@ import kombu
 import pytest
 from kombu.utils.url import url_to_parts
 from pydantic import ValidationError
-from sqlalchemy.engine import make_url
 
 from samseg.settings import Settings
 
@@ -72,21 +71,42 @@ def test_derived_queue_names(monkeypatch):
     assert (s.io_queue, s.gpu_queue, s.dead_letter_queue) == ("t42-io", "t42-gpu", "app_jobs-dlq")
 
 
-def test_default_result_backend_is_sqlite_inside_the_state_dir(monkeypatch, tmp_path):
+def test_default_job_store_is_sqlite_inside_the_state_dir_with_an_absolute_path(monkeypatch, tmp_path):
     monkeypatch.setenv("SAMSEG_ASSETS_DIR", "relative-assets")
     s = Settings()
     assert s.state_dir == Path("relative-assets") / ".samseg"
-    url = s.result_backend_url
-    assert url.startswith("db+sqlite:///")
-    # Celery strips "db+"; SQLAlchemy must see an absolute path (4 slashes) under assets/.samseg.
-    database = Path(make_url(url.removeprefix("db+")).database or "")
-    assert database.is_absolute()
-    assert database == tmp_path / "relative-assets" / ".samseg" / "jobs.sqlite"
+    assert s.job_store_url.startswith("sqlite:////")  # absolute, wherever the process's cwd moves later
+    assert Path(s.job_store_url.removeprefix("sqlite:///")) == tmp_path / "relative-assets" / ".samseg" / "jobs.sqlite"
+    assert s.storage_url is None
 
 
-def test_explicit_result_backend_is_used_verbatim(monkeypatch):
-    monkeypatch.setenv("SAMSEG_RESULT_BACKEND", "db+postgresql://u:p@db/samseg")
-    assert Settings().result_backend_url == "db+postgresql://u:p@db/samseg"
+def test_shared_stores_are_taken_verbatim_with_their_own_endpoints(monkeypatch):
+    monkeypatch.setenv("SAMSEG_STORAGE_URL", "s3://my-bucket/samseg/prod")
+    monkeypatch.setenv("SAMSEG_JOB_STORE_URL", "dynamodb://samseg-jobs")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", "http://127.0.0.1:8001")
+    s = Settings()
+    assert (s.storage_url, s.job_store_url) == ("s3://my-bucket/samseg/prod", "dynamodb://samseg-jobs")
+    # The service-specific variable wins; the generic one is the fallback.
+    assert (s.aws_endpoint_url_s3, s.aws_endpoint_url_dynamodb) == ("http://127.0.0.1:5000", "http://127.0.0.1:8001")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SAMSEG_STORAGE_URL", "/mnt/efs/assets"),
+        ("SAMSEG_STORAGE_URL", "s3://Bad_Bucket/x"),
+        ("SAMSEG_STORAGE_URL", "s3://bucket/../escape"),
+        ("SAMSEG_JOB_STORE_URL", "postgres://db/samseg"),
+        ("SAMSEG_JOB_STORE_URL", "dynamodb://"),
+        ("SAMSEG_S3_ASSETS", "copy"),
+    ],
+)
+def test_bad_store_urls_are_refused_with_a_clear_message(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert name.removeprefix("SAMSEG_").lower() in str(info.value)
 
 
 # --- environment parsing ------------------------------------------------------------------------------
@@ -124,7 +144,8 @@ def test_env_values_are_parsed_and_typed(monkeypatch):
     assert s.amg_pred_iou_thresh == 0.5
     assert s.allow_private_networks is True
     assert s.app_server_url == "http://app:3000"
-    assert s.app_server_token == "s3cret"
+    assert s.app_server_token is not None and s.app_server_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(s) and "s3cret" not in str(s)
     assert s.max_image_bytes == 1024
 
 
@@ -348,3 +369,128 @@ def test_bad_queue_prefix_is_rejected(monkeypatch):
 def test_out_of_range_and_unknown_values(monkeypatch, key, value):
     text = _error_text(monkeypatch, key, value)
     assert key.removeprefix("SAMSEG_").lower() in text
+
+
+# --- trust boundary: tokens, secrets, ports -----------------------------------------------------------
+
+TOKEN_A, TOKEN_B = "tok-A-" + "a" * 20, "tok-B-" + "b" * 20
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the Standard Webhooks spec's example (24 bytes)
+
+
+def test_trust_boundary_defaults():
+    s = Settings()
+    assert s.api_token is None and s.api_tokens() == []
+    assert s.webhook_secret is None and s.asset_url_secret is None
+    assert s.asset_url_ttl_seconds is None and s.asset_url_ttl == s.asset_ttl_seconds == 3600
+    assert s.require_https_callback is False
+    assert s.allowed_image_ports == [80, 443]
+    assert s.secret_values() == []
+
+
+def test_one_api_token_or_a_list_for_rotation(monkeypatch):
+    monkeypatch.setenv("SAMSEG_API_TOKEN", TOKEN_A)
+    assert Settings().api_tokens() == [TOKEN_A]
+    monkeypatch.setenv("SAMSEG_API_TOKEN", f" {TOKEN_B} , {TOKEN_A},")
+    assert Settings().api_tokens() == [TOKEN_B, TOKEN_A]
+
+
+@pytest.mark.parametrize("value", ["", "   ", ",", " , "])
+def test_blank_api_token_means_none(monkeypatch, value):
+    monkeypatch.setenv("SAMSEG_API_TOKEN", value)
+    s = Settings()
+    assert s.api_token is None and s.api_tokens() == []
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("short-token", "token 1 of SAMSEG_API_TOKEN is 11 characters"),
+        (f"{TOKEN_A},tiny", "token 2 of SAMSEG_API_TOKEN is 4 characters"),
+        ("has space inside-the-token", "characters a bearer token cannot carry"),
+        ("ünïcødé-" + "x" * 20, "characters a bearer token cannot carry"),
+        ("=" + "x" * 20, "characters a bearer token cannot carry"),
+    ],
+)
+def test_bad_api_tokens_are_refused_without_echoing_them(monkeypatch, value, message):
+    text = _error_text(monkeypatch, "SAMSEG_API_TOKEN", value)
+    assert message in text
+    for token in value.split(","):
+        assert token.strip() not in text
+
+
+def test_secrets_never_appear_in_repr_or_dump_json(monkeypatch):
+    values = {
+        "SAMSEG_API_TOKEN": f"{TOKEN_A},{TOKEN_B}",
+        "SAMSEG_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "SAMSEG_APP_SERVER_TOKEN": "app-server-bearer-token",
+        "SAMSEG_ASSET_URL_SECRET": "asset-url-secret-" + "z" * 20,
+        "AWS_SECRET_ACCESS_KEY": "aws-secret-access-key-value",
+        "SAMSEG_RESULT_BACKEND": "db+postgresql://u:db-password-value@db/samseg",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    s = Settings()
+    shown = repr(s) + str(s) + s.model_dump_json()
+    for secret in (TOKEN_A, TOKEN_B, WEBHOOK_SECRET, "app-server-bearer-token", "z" * 20):
+        assert secret not in shown
+    # Plain strings for boto3/kombu/SQLAlchemy, but left out of the repr (what a log line or traceback shows).
+    assert "aws-secret-access-key-value" not in repr(s) and "db-password-value" not in repr(s)
+    assert set(s.secret_values()) >= {TOKEN_A, TOKEN_B, WEBHOOK_SECRET, "app-server-bearer-token"}
+    assert "aws-secret-access-key-value" in s.secret_values()
+
+
+def test_webhook_secret_accepts_the_standard_form(monkeypatch):
+    monkeypatch.setenv("SAMSEG_WEBHOOK_SECRET", f"  {WEBHOOK_SECRET} ")
+    s = Settings()
+    assert s.webhook_secret is not None and s.webhook_secret.get_secret_value() == WEBHOOK_SECRET
+    monkeypatch.setenv("SAMSEG_WEBHOOK_SECRET", WEBHOOK_SECRET.rstrip("="))  # unpadded base64 is fine too
+    assert Settings().webhook_secret is not None
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "the whsec_ prefix is missing"),
+        ("whsec_not base64!!", "is not base64"),
+        ("whsec_c2hvcnQ=", "it decodes to 5 bytes"),
+    ],
+)
+def test_bad_webhook_secrets_are_refused_clearly(monkeypatch, value, reason):
+    text = _error_text(monkeypatch, "SAMSEG_WEBHOOK_SECRET", value)
+    assert "SAMSEG_WEBHOOK_SECRET must be 'whsec_' followed by the base64" in text
+    assert reason in text
+    assert value.removeprefix("whsec_") not in text
+
+
+def test_asset_url_secret_and_ttl(monkeypatch):
+    assert "at least 32 characters" in _error_text(monkeypatch, "SAMSEG_ASSET_URL_SECRET", "too-short")
+    monkeypatch.setenv("SAMSEG_ASSET_URL_SECRET", "k" * 32)
+    monkeypatch.setenv("SAMSEG_ASSET_TTL_SECONDS", "7200")
+    assert Settings().asset_url_ttl == 7200  # follows the asset TTL unless set
+    monkeypatch.setenv("SAMSEG_ASSET_URL_TTL_SECONDS", "600")
+    assert Settings().asset_url_ttl == 600
+    assert "asset_url_ttl_seconds" in _error_text(monkeypatch, "SAMSEG_ASSET_URL_TTL_SECONDS", "0")
+
+
+def test_allowed_image_ports_parse(monkeypatch):
+    monkeypatch.setenv("SAMSEG_ALLOWED_IMAGE_PORTS", " 443, 8443 ,443,")
+    assert Settings().allowed_image_ports == [443, 8443]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("80,http", "comma-separated numbers, got 'http'"),
+        ("0", "ports are 1-65535"),
+        ("70000", "1-65535"),
+        ("", "at least one port"),
+        ("-1", "comma-separated numbers"),
+    ],
+)
+def test_bad_allowed_image_ports(monkeypatch, value, message):
+    assert message in _error_text(monkeypatch, "SAMSEG_ALLOWED_IMAGE_PORTS", value)
+
+
+def test_require_https_callback_parses(monkeypatch):
+    monkeypatch.setenv("SAMSEG_REQUIRE_HTTPS_CALLBACK", "true")
+    assert Settings().require_https_callback is True

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 
 from samseg.api.deps import SettingsDep, StoresDep
 from samseg.api.jobs import JobIdParam
-from samseg.assets import MASK_NAME, mask_key, result_key
+from samseg.asset_urls import AssetSignatureError, verify_request
+from samseg.assets import MASK_DIR, MASK_NAME, mask_key, result_key
+from samseg.auth import bearer_scheme, check_credentials
 from samseg.contracts import UUID_PATTERN
 from samseg.stores import Stores
 
@@ -51,9 +55,22 @@ class PublishedCache:
 
 
 @router.get("/assets/{uuid}/mask_images/{name}", response_class=Response)
-def mask_image(uuid: JobIdParam, name: str, request: Request, stores: StoresDep, settings: SettingsDep) -> Response:
+def mask_image(
+    uuid: JobIdParam,
+    name: str,
+    request: Request,
+    stores: StoresDep,
+    settings: SettingsDep,
+    expires: str | None = None,
+    signature: str | None = None,
+) -> Response:
+    """A mask PNG; with SAMSEG_ASSET_URL_SECRET only through the signed URL the callback gave out."""
     if not UUID_PATTERN.fullmatch(uuid) or not MASK_NAME.fullmatch(name):
         raise HTTPException(404, detail="not found")
+    try:
+        verify_request(f"/assets/{uuid}/{MASK_DIR}/{name}", expires, signature, settings)
+    except AssetSignatureError as exc:
+        raise HTTPException(403, detail=exc.message) from None
     published: PublishedCache = request.app.state.published
     if not published.check(uuid, stores):
         raise HTTPException(404, detail="not found")
@@ -61,9 +78,17 @@ def mask_image(uuid: JobIdParam, name: str, request: Request, stores: StoresDep,
 
 
 @router.get("/assets/{uuid}/result.json", response_class=Response)
-def result_json(uuid: JobIdParam, stores: StoresDep, settings: SettingsDep) -> Response:
+def result_json(
+    uuid: JobIdParam,
+    stores: StoresDep,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Response:
+    """The callback body. With signed mask URLs nobody is handed a URL for it: it takes the API token then."""
     if not UUID_PATTERN.fullmatch(uuid):
         raise HTTPException(404, detail="not found")
+    if settings.asset_url_secret is not None:
+        check_credentials(credentials, settings)
     return _serve(stores, settings.s3_assets, result_key(uuid), "application/json")
 
 

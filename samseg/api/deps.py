@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from samseg.auth import require_token
 from samseg.settings import Settings
 from samseg.sqs import JobQueues
 from samseg.stores import Stores
@@ -27,5 +28,7 @@ def queues(request: Request) -> JobQueues:
 
 
 SettingsDep = Annotated[Settings, Depends(settings)]
+# POST /jobs, GET /jobs/{uuid}, /metrics (and result.json when mask URLs are signed): Authorization: Bearer.
+authenticated = Depends(require_token(settings))
 StoresDep = Annotated[Stores, Depends(stores)]
 QueuesDep = Annotated[JobQueues, Depends(queues)]

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from samseg import metrics  # first: it configures prometheus_client's multiprocess mode
-from samseg.api.deps import QueuesDep, SettingsDep, StoresDep
+from samseg.api.deps import QueuesDep, SettingsDep, StoresDep, authenticated
 from samseg.health import readiness
 from samseg.settings import Settings
 from samseg.sqs import JobQueues
@@ -32,7 +32,7 @@ def readyz(settings: SettingsDep, stores: StoresDep, queues: QueuesDep) -> JSONR
     return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[authenticated])
 def prometheus_metrics(request: Request, settings: SettingsDep, queues: QueuesDep) -> Response:
     """Prometheus text format: job outcomes, stage durations, masks per job, queue depth, disk usage."""
     collector = getattr(request.app.state, "scrape_collector", None)

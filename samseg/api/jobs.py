@@ -8,7 +8,7 @@ import structlog
 from fastapi import APIRouter, HTTPException, Request
 from fastapi import Path as PathParam
 
-from samseg.api.deps import QueuesDep, StoresDep
+from samseg.api.deps import QueuesDep, StoresDep, authenticated
 from samseg.contracts import UUID_PATTERN, JobAccepted, JobMessage, JobState, JobStatus, Segment
 
 log = structlog.get_logger(__name__)
@@ -17,7 +17,7 @@ router = APIRouter(tags=["jobs"])
 JobIdParam = Annotated[str, PathParam(description="the job's uuid, as sent by the app server")]
 
 
-@router.post("/jobs", status_code=202, response_model=JobAccepted)
+@router.post("/jobs", status_code=202, response_model=JobAccepted, dependencies=[authenticated])
 def submit_job(job: JobMessage, request: Request, stores: StoresDep, queues: QueuesDep) -> JobAccepted:
     """Put a job on the jobs queue exactly as the app server would (a plain JSON message)."""
     try:
@@ -32,7 +32,7 @@ def submit_job(job: JobMessage, request: Request, stores: StoresDep, queues: Que
     return JobAccepted(uuid=job.uuid, status_url=str(request.url_for("job_status", uuid=job.uuid)))
 
 
-@router.get("/jobs/{uuid}", response_model=JobStatus, response_model_exclude_none=True)
+@router.get("/jobs/{uuid}", response_model=JobStatus, response_model_exclude_none=True, dependencies=[authenticated])
 def job_status(uuid: JobIdParam, stores: StoresDep) -> JobStatus:
     """queued → running (with the current stage) → completed (with segments) or failed (with the error)."""
     if not UUID_PATTERN.fullmatch(uuid):

@@ -200,13 +200,13 @@ class LocalBlobs:
         base = self.path(prefix.rstrip("/"))
         if not base.is_dir() or base.is_symlink():
             return
-        for folder, dirs, files in os.walk(base):
-            dirs.sort()
-            for name in sorted(files):
+        found: list[tuple[str, BlobInfo]] = []
+        for folder, dirs, files in os.walk(base):  # never follows symlinked folders
+            for name in files:
                 full = Path(folder) / name
-                key = full.relative_to(self.root).as_posix()
                 stat = full.lstat()
-                yield key, BlobInfo(size=stat.st_size, etag="", modified=stat.st_mtime)
+                found.append((full.relative_to(self.root).as_posix(), BlobInfo(stat.st_size, "", stat.st_mtime)))
+        yield from sorted(found, key=lambda item: item[0])  # key order, as S3 lists
 
     def children(self, prefix: str, start_after: str = "", limit: int = 1000) -> list[str]:
         base = self.root / prefix.rstrip("/") if prefix.strip("/") else self.root
