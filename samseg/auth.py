@@ -61,7 +61,7 @@ def check_credentials(credentials: HTTPAuthorizationCredentials | None, settings
         raise _unauthorized("invalid bearer token", error="invalid_token")
 
 
-def require_token(settings_dependency: Callable[[], Settings] = get_settings) -> Callable[..., None]:
+def require_token(settings_dependency: Callable[..., Settings] = get_settings) -> Callable[..., None]:
     """A FastAPI dependency that admits only requests carrying one of SAMSEG_API_TOKEN's tokens."""
 
     def bearer_token(

@@ -20,9 +20,10 @@ from fastapi.security import HTTPAuthorizationCredentials
 from samseg.api.deps import SettingsDep, StoresDep
 from samseg.api.jobs import JobIdParam
 from samseg.asset_urls import AssetSignatureError, verify_request
-from samseg.assets import MASK_DIR, MASK_NAME, mask_key, result_key
+from samseg.assets import MASK_NAME, mask_key, result_key
 from samseg.auth import bearer_scheme, check_credentials
 from samseg.contracts import UUID_PATTERN
+from samseg.results import MASK_DIR
 from samseg.stores import Stores
 
 router = APIRouter(tags=["assets"])

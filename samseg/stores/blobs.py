@@ -201,7 +201,7 @@ class LocalBlobs:
         if not base.is_dir() or base.is_symlink():
             return
         found: list[tuple[str, BlobInfo]] = []
-        for folder, dirs, files in os.walk(base):  # never follows symlinked folders
+        for folder, _dirs, files in os.walk(base):  # never follows symlinked folders
             for name in files:
                 full = Path(folder) / name
                 stat = full.lstat()
