@@ -79,6 +79,7 @@ def test_samseg_up_runs_the_whole_stack_and_stops_cleanly(make_stack, http_serve
     stack = make_stack(SAMSEG_APP_SERVER_URL=app_server.url)
     env = {k: v for k, v in stack.env.items() if not k.startswith("AWS_")}  # no endpoint: up brings its own
     env.pop("SAMSEG_PUBLIC_BASE_URL", None)
+    env.pop("SAMSEG_API_TOKEN", None)  # up generates one for its session
     port = free_port()
     up = Proc("up", [str(VENV_BIN / "samseg"), "up", "--port", str(port)], env, tmp_path)
     try:

@@ -57,10 +57,10 @@ def test_redelivered_stages_of_a_finished_run_are_passed_through(make_stack, htt
             timeout=60,
         )
     deadline = time.monotonic() + 60
-    while worker.output().count('"stage_replay_skipped"') < 2 and time.monotonic() < deadline:
+    while worker.output().count('"stage_skipped"') < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     worker.wait_for_output('"callback_already_delivered"', 60)
-    assert worker.output().count('"stage_replay_skipped"') == 2  # persist and segment
+    assert worker.output().count('"stage_skipped"') == 2  # persist and segment
     time.sleep(2)
     assert len([r for r in app_server.requests if r.path == CALLBACK + uuid]) == 1
     after = httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()

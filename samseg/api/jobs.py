@@ -10,6 +10,7 @@ from fastapi import Path as PathParam
 
 from samseg.api.deps import QueuesDep, StoresDep, authenticated
 from samseg.contracts import UUID_PATTERN, JobAccepted, JobMessage, JobState, JobStatus, Segment
+from samseg.stores.jobs import JobRecord
 
 log = structlog.get_logger(__name__)
 router = APIRouter(tags=["jobs"])
@@ -39,7 +40,7 @@ def job_status(uuid: JobIdParam, stores: StoresDep) -> JobStatus:
         raise HTTPException(404, detail="unknown job")
     try:
         record = stores.jobs.get(uuid)
-        result = stores.assets.read_result(uuid) if record and record.status is JobState.COMPLETED else None
+        result = stores.assets.read_result(uuid) if record and _has_result(record) else None
     except Exception as exc:
         log.error("job_store_unavailable", error=repr(exc))
         raise HTTPException(503, detail="job status store unavailable; try again") from exc
@@ -49,3 +50,10 @@ def job_status(uuid: JobIdParam, stores: StoresDep) -> JobStatus:
     if result is not None:  # segments live with the assets, so they disappear with them at the purge
         status.segments = [Segment.model_validate(s) for s in result.get("segments", [])]
     return status
+
+
+def _has_result(record: JobRecord) -> bool:
+    """Published masks of this run: completed, or failed only because its callback was not accepted."""
+    if record.assets_purged:
+        return False
+    return record.status is JobState.COMPLETED or (record.error is not None and record.error.code == "callback_failed")

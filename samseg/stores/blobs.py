@@ -99,9 +99,10 @@ CHUNK = 256 * 1024
 class LocalBlobs:
     """A directory on this host: the embedded default, and what one host needs (no S3 account)."""
 
-    def __init__(self, root: Path, concurrency: int = 8) -> None:
+    def __init__(self, root: Path, concurrency: int | None = None) -> None:
         self.root = root
-        self.concurrency = concurrency
+        # Local writes are CPU-bound (zlib releases the GIL): more threads than cores only add overhead.
+        self.concurrency = concurrency or min(8, os.cpu_count() or 1)
 
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -246,8 +247,10 @@ class S3Blobs:
         return self.prefix + check_key(key)
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
-        extra = {"ContentType": content_type} if content_type else {}
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+        if content_type:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+        else:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> None:
         extra: dict[str, Any] = {"ExtraArgs": {"ContentType": content_type}} if content_type else {}
