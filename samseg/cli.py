@@ -264,6 +264,15 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     env = dict(os.environ)
     overrides: dict[str, str] = {}
     if not settings.aws_endpoint_url_sqs and not args.aws:
+        missing = _missing_emulator()
+        if missing:
+            print(
+                f"error: no SQS endpoint is configured, and the local SQS emulator is not installed ({missing}).\n"
+                "  install samseg[emulator]  (pip install 'samseg[emulator]'; scripts/install.sh does)\n"
+                "  or set AWS_ENDPOINT_URL_SQS to an SQS endpoint, or pass --aws to use AWS SQS",
+                file=sys.stderr,
+            )
+            return 1
         moto_port = _free_port()
         overrides |= {
             "AWS_ENDPOINT_URL_SQS": f"http://127.0.0.1:{moto_port}",
@@ -348,6 +357,20 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     finally:
         supervisor.stop()
+
+
+def _missing_emulator() -> str | None:
+    """Why `python -m moto.server` cannot run here (moto is the `emulator` extra, not a dependency), or None."""
+    import importlib.util
+
+    for module in ("moto", "flask"):  # moto.server needs moto's `server` extra, i.e. Flask
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"no module named {module!r}"
+    return None
 
 
 def _in_dotenv(name: str) -> bool:
