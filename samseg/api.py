@@ -23,7 +23,7 @@ from samseg.health import readiness
 from samseg.jobs import JobStore
 from samseg.logs import configure_logging
 from samseg.settings import get_settings
-from samseg.sqs import JobQueues
+from samseg.sqs import JobQueues, probe_client
 from samseg.storage import MASK_DIR, RESULT_FILE, AssetStore
 
 log = structlog.get_logger(__name__)
@@ -61,13 +61,19 @@ def healthz() -> dict[str, str]:
 def readyz() -> JSONResponse:
     """Ready to take jobs: SQS reachable, assets volume writable, enough free disk. 503 lists what is not."""
 
-    def broker() -> str:
-        queues = job_queues()
-        queues.url(settings.jobs_queue)
-        return f"{settings.jobs_queue} reachable"
-
-    ok, checks = readiness(settings, broker)
+    ok, checks = readiness(settings, lambda: _probe_queues().reachable(settings.jobs_queue))
     return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
+
+
+_probe: JobQueues | None = None
+
+
+def _probe_queues() -> JobQueues:
+    """Readiness has its own fail-fast client (one attempt, short timeouts) and asks SQS on every probe."""
+    global _probe
+    if _probe is None:
+        _probe = JobQueues(settings, client=probe_client(settings))
+    return _probe
 
 
 @app.get("/metrics", tags=["health"], response_class=Response)
