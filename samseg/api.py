@@ -78,17 +78,20 @@ def _probe_queues() -> JobQueues:
 
 @app.get("/metrics", tags=["health"], response_class=Response)
 def prometheus_metrics() -> Response:
-    """Prometheus text format: job outcomes, stage durations, masks per job, queue depth, disk usage."""
-    return Response(metrics.render(_scrape_time), media_type="text/plain; version=0.0.4; charset=utf-8")
+    """Prometheus text format: this API process's samples, queue depth, free disk (workers serve their own)."""
+    _queue_depth.ensure_started()
+    return Response(metrics.render(_queue_depth, _disk), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def _queue_depths() -> dict[str, int]:
-    queues = job_queues()
+    queues = _probe_queues()
     names = (settings.jobs_queue, settings.dead_letter_queue, settings.io_queue, settings.gpu_queue)
     return {name: queues.depth(name) for name in names}
 
 
-_scrape_time = metrics.ScrapeTimeCollector(settings.assets_dir, _queue_depths)
+# Read by a background thread (started by the first scrape), never on the scrape's own thread.
+_queue_depth = metrics.QueueDepthPoller(_queue_depths, settings.queue_depth_interval_seconds)
+_disk = metrics.DiskCollector(settings.assets_dir)
 
 
 @app.post("/jobs", status_code=202, response_model=JobAccepted, tags=["jobs"])

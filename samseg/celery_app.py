@@ -92,6 +92,7 @@ def _process_shutdown(pid: int | None = None, **_: Any) -> None:
 
 
 _threads: list[Any] = []
+_metrics_server: Any = None  # the worker's own /metrics (samseg.metrics.MetricsServer), main process only
 
 
 @signals.worker_ready.connect
@@ -107,6 +108,11 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     _threads.extend([VisibilityKeeper(settings), heartbeat])
     for thread in _threads:
         thread.start()
+    if settings.metrics_port:
+        from samseg import metrics
+
+        global _metrics_server
+        _metrics_server = metrics.serve(settings.metrics_port, settings.metrics_host)
     log.info(
         "worker_ready",
         jobs_queue=settings.jobs_queue,
@@ -155,6 +161,8 @@ def _ensure_weights(settings: Settings) -> None:
 def _worker_shutdown(**_: Any) -> None:
     for thread in _threads:
         thread.stop()
+    if _metrics_server is not None:
+        _metrics_server.stop()
 
 
 from samseg.ingress import IngressStep  # noqa: E402  (needs `app` above)

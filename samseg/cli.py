@@ -320,6 +320,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
         JobQueues(settings).ensure()
         celery = [sys.executable, "-m", "celery", "-A", "samseg"]
+        # Two workers on one host cannot share a metrics port: each gets its own (printed in the banner).
+        metrics_ports = {"worker-io": _free_port(), "worker-segment": _free_port()}
+        if settings.metrics_port:
+            metrics_ports = {"worker-io": settings.metrics_port, "worker-segment": settings.metrics_port + 1}
+        metrics_env = {"SAMSEG_METRICS_HOST": "127.0.0.1"} if "SAMSEG_METRICS_HOST" not in os.environ else {}
         supervisor.start(
             "worker-io",
             [
@@ -335,18 +340,22 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 "io@%h",
             ],
             SAMSEG_WORKER_HEARTBEAT_FILE=str(settings.state_dir / "worker-io.heartbeat"),
+            SAMSEG_METRICS_PORT=str(metrics_ports["worker-io"]),
+            **metrics_env,
         )
         supervisor.start(
             "worker-gpu" if device.startswith("cuda") else "worker-segment",
             [*celery, "worker", "-Q", settings.gpu_queue, "--concurrency", "1", "--hostname", "segment@%h"],
             SAMSEG_WORKER_HEARTBEAT_FILE=str(settings.state_dir / "worker-segment.heartbeat"),
+            SAMSEG_METRICS_PORT=str(metrics_ports["worker-segment"]),
+            **metrics_env,
         )
         supervisor.start("beat", [*celery, "beat"])
         supervisor.start(
             "api",
             [sys.executable, "-m", "uvicorn", "samseg.api:app", "--host", args.host, "--port", str(args.port)],
         )
-        _print_banner(settings, device, args)
+        _print_banner(settings, device, args, metrics_ports)
         while not stopping:
             dead = supervisor.exited()
             if dead:
@@ -378,7 +387,7 @@ def _in_dotenv(name: str) -> bool:
     return path.is_file() and any(line.split("=", 1)[0].strip() == name for line in path.read_text().splitlines())
 
 
-def _print_banner(settings: Settings, device: str, args: argparse.Namespace) -> None:
+def _print_banner(settings: Settings, device: str, args: argparse.Namespace, metrics_ports: dict[str, int]) -> None:
     api = settings.public_base_url
     n = settings.amg_points_per_side
     lines = [
@@ -387,6 +396,9 @@ def _print_banner(settings: Settings, device: str, args: argparse.Namespace) -> 
         f"  SQS endpoint: {settings.aws_endpoint_url_sqs or 'AWS (' + settings.aws_region + ')'}"
         f"   jobs queue: {settings.jobs_queue}",
         f"  model: {settings.sam2_model} on {device}, {n}x{n} points, generator: {settings.amg_impl}",
+        "  metrics: "
+        + "  ".join(f"{name} http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items())
+        + f"  api {api}/metrics",
     ]
     if device == "cpu":
         cores = os.cpu_count() or 1

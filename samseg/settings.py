@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     preload_model: bool = True
     min_free_disk_bytes: int = Field(1024**3, ge=0)
 
+    # --- metrics ---------------------------------------------------------------------------------------
+    # Per-host directory for prometheus_client's multiprocess files (never the assets volume); unset: the
+    # system temp dir's samseg-metrics/. Each process tree uses {dir}/{pid namespace}/{root pid}.
+    metrics_dir: Path | None = None
+    metrics_port: int = Field(0, ge=0, le=65535)  # a worker's own /metrics (main process); 0 = off
+    metrics_host: str = "0.0.0.0"
+    queue_depth_interval_seconds: float = Field(15.0, gt=0)  # the API's background read of queue depths
+
     # --- logging ---------------------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool | None = None
