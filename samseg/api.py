@@ -86,7 +86,7 @@ def prometheus_metrics() -> Response:
 def _queue_depths() -> dict[str, int]:
     queues = _probe_queues()
     names = (settings.jobs_queue, settings.dead_letter_queue, settings.io_queue, settings.gpu_queue)
-    return {name: queues.depth(name) for name in names}
+    return {name: queues.depth(name) for name in (*names, *settings.task_dead_letter_queues.values())}
 
 
 # Read by a background thread (started by the first scrape), never on the scrape's own thread.

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     queue_prefix: str = "samseg-"
     visibility_timeout_seconds: int = Field(3600, ge=30, le=43200)
     jobs_max_receive_count: int = Field(5, ge=1, le=1000)
+    # Receives of one Celery task message (io, gpu) before SQS moves it to `<queue>-dlq`: a task whose worker
+    # dies every time (the OOM killer on one huge image) stops there instead of being redelivered forever.
+    task_max_receive_count: int = Field(5, ge=1, le=1000)
     # Celery monitoring events through SNS, so that Flower shows workers and tasks (docs/flower-on-sqs.md).
     # One SNS publish per event (a heartbeat every 2 s per worker): off unless Flower is used.
     events: bool = False
@@ -163,6 +166,11 @@ class Settings(BaseSettings):
     @property
     def dead_letter_queue(self) -> str:
         return f"{self.jobs_queue}-dlq"
+
+    @property
+    def task_dead_letter_queues(self) -> dict[str, str]:
+        """Celery's own queues → their dead-letter queues (redrive after SAMSEG_TASK_MAX_RECEIVE_COUNT)."""
+        return {self.io_queue: f"{self.io_queue}-dlq", self.gpu_queue: f"{self.gpu_queue}-dlq"}
 
     @property
     def io_queue(self) -> str:

@@ -70,9 +70,19 @@ class JobQueues:
         jobs_attrs = {"VisibilityTimeout": visibility, "RedrivePolicy": redrive, "ReceiveMessageWaitTimeSeconds": "10"}
         jobs_url = self._create(s.jobs_queue, jobs_attrs)
         urls = {s.jobs_queue: jobs_url, s.dead_letter_queue: dlq_url}
-        for name in (s.io_queue, s.gpu_queue):
-            urls[name] = self._create(name, {"VisibilityTimeout": visibility})
+        for name, dead_letters in s.task_dead_letter_queues.items():
+            # Celery's queues: a task message received SAMSEG_TASK_MAX_RECEIVE_COUNT times without being
+            # deleted (its worker died each time) moves to `<queue>-dlq`; samseg.dead_letters reads it back.
+            urls[dead_letters] = self._create(dead_letters, {"MessageRetentionPeriod": str(14 * 24 * 3600)})
+            task_redrive = json.dumps(
+                {"deadLetterTargetArn": self.arn(urls[dead_letters]), "maxReceiveCount": str(s.task_max_receive_count)}
+            )
+            urls[name] = self._create(name, {"VisibilityTimeout": visibility, "RedrivePolicy": task_redrive})
         return urls
+
+    def arn(self, url: str) -> str:
+        attrs = self.client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]
+        return attrs["QueueArn"]
 
     def _create(self, name: str, attributes: dict[str, str]) -> str:
         try:
