@@ -56,8 +56,8 @@ task_default_routing_key = _s.io_queue
 task_routes = {"samseg.segment": {"queue": _s.gpu_queue, "routing_key": _s.gpu_queue}}
 task_create_missing_queues = True
 
-task_soft_time_limit = 300
-task_time_limit = 360
+task_soft_time_limit = _s.io_soft_time_limit_seconds  # 300 s by default
+task_time_limit = _s.io_time_limit_seconds  # 360 s by default
 # The segment task gets its own limits (SAMSEG_SEGMENT_TIME_LIMIT_SECONDS) via task options.
 
 beat_schedule = {

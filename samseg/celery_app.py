@@ -35,6 +35,7 @@ def _setup_logging(**_: Any) -> None:
 
 
 _started: dict[str, float] = {}
+_watchdog: Any = None  # samseg.watchdog.StageWatchdog in solo/threads workers (their tasks run in this process)
 
 
 @signals.task_prerun.connect
@@ -43,10 +44,23 @@ def _bind_task(task_id: str | None = None, task: Any = None, args: Any = None, *
     bind_job(job.get("uuid"), getattr(task, "name", None))
     if task_id:
         _started[task_id] = time.monotonic()
+    if _watchdog is not None and task_id:
+        from samseg.watchdog import task_limits
+
+        soft, hard = task_limits(task)
+        _watchdog.task_started(task_id, str(task.name), soft, hard, tuple(args or ()), _active_request(task_id))
+
+
+def _active_request(task_id: str) -> Any:
+    from celery.worker import state
+
+    return next((r for r in list(state.active_requests) if getattr(r, "id", None) == task_id), None)
 
 
 @signals.task_postrun.connect
 def _unbind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    if _watchdog is not None and task_id:
+        _watchdog.task_finished(task_id)
     started = _started.pop(task_id or "", None)
     stage = str(getattr(task, "name", "")).removeprefix("samseg.")
     if started is not None:
@@ -99,11 +113,22 @@ _metrics_server: Any = None  # the worker's own /metrics (samseg.metrics.Metrics
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     from samseg.health import Heartbeat
     from samseg.visibility import VisibilityKeeper
+    from samseg.watchdog import StageWatchdog, run_hard_timeout_hooks, watches_pool
 
     settings = get_settings()
     hostname = getattr(sender, "hostname", None) or socket.gethostname()
+    global _watchdog
+    pool_cls = getattr(getattr(sender, "controller", None), "pool_cls", None)
+    if watches_pool(pool_cls):
+        # Celery enforces no time limits in solo/threads pools (celery#8395): samseg's watchdog does.
+        _watchdog = StageWatchdog(run_hard_timeout_hooks)
+        _threads.append(_watchdog)
     heartbeat = Heartbeat(
-        settings.worker_heartbeat_file, settings.worker_heartbeat_interval_seconds, hostname, _needs_model()
+        settings.worker_heartbeat_file,
+        settings.worker_heartbeat_interval_seconds,
+        hostname,
+        _needs_model(),
+        problems=_watchdog.problems if _watchdog is not None else None,
     )
     _threads.extend([VisibilityKeeper(settings), heartbeat])
     for thread in _threads:
@@ -120,6 +145,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         model=settings.sam2_model,
         device=settings.device,
         events=settings.events,
+        time_limits_by="samseg.watchdog" if _watchdog is not None else "celery",
     )
 
 

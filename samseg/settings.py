@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     amg_half: bool = False
     amg_prune: bool = False
     segment_time_limit_seconds: int = Field(1800, ge=10)
+    # Hard time limit of the io tasks (download, persist, purge); the soft limit is 20 % (at most 60 s)
+    # earlier. Enforced by Celery in prefork pools and by samseg.watchdog in solo and threads pools.
+    io_time_limit_seconds: int = Field(360, ge=2)
     weights_base_url: str | None = None
 
     # --- health ------------------------------------------------------------------------------------------
@@ -166,6 +169,10 @@ class Settings(BaseSettings):
     @property
     def dead_letter_queue(self) -> str:
         return f"{self.jobs_queue}-dlq"
+
+    @property
+    def io_soft_time_limit_seconds(self) -> float:
+        return max(0.8 * self.io_time_limit_seconds, self.io_time_limit_seconds - 60)
 
     @property
     def task_dead_letter_queues(self) -> dict[str, str]:
