@@ -113,7 +113,7 @@ _metrics_server: Any = None  # the worker's own /metrics (samseg.metrics.Metrics
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     from samseg.health import Heartbeat
     from samseg.visibility import VisibilityKeeper
-    from samseg.watchdog import StageWatchdog, run_hard_timeout_hooks, watches_pool
+    from samseg.watchdog import StageWatchdog, watches_pool
 
     settings = get_settings()
     hostname = getattr(sender, "hostname", None) or socket.gethostname()
@@ -121,7 +121,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     pool_cls = getattr(getattr(sender, "controller", None), "pool_cls", None)
     if watches_pool(pool_cls):
         # Celery enforces no time limits in solo/threads pools (celery#8395): samseg's watchdog does.
-        _watchdog = StageWatchdog(run_hard_timeout_hooks)
+        _watchdog = StageWatchdog(_hard_timeout(settings))
         _threads.append(_watchdog)
     heartbeat = Heartbeat(
         settings.worker_heartbeat_file,
@@ -147,6 +147,32 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         events=settings.events,
         time_limits_by="samseg.watchdog" if _watchdog is not None else "celery",
     )
+
+
+def _hard_timeout(settings: Settings) -> Any:
+    """What a solo/threads worker does when a task passes its hard limit, before it exits (samseg.watchdog)."""
+    from samseg.sqs import probe_client
+    from samseg.visibility import _snapshot
+    from samseg.watchdog import RunningTask, release_held_messages, run_hard_timeout_hooks
+
+    client = probe_client(settings)  # made now: at the timeout there may be no time to build one
+
+    def on_hard_timeout(task: RunningTask) -> None:
+        from celery.worker import state
+
+        from samseg.health import Heartbeat
+        from samseg.visibility import VisibilityKeeper
+
+        for thread in _threads:
+            if isinstance(thread, Heartbeat):
+                thread.beat()  # say "unhealthy" now, not at the next interval
+            if isinstance(thread, VisibilityKeeper):
+                thread.stop()  # no more extensions for messages of a process about to end
+        run_hard_timeout_hooks(task)
+        released = release_held_messages(client, _snapshot(state.reserved_requests))
+        log.info("held_messages_released", count=released)
+
+    return on_hard_timeout
 
 
 @signals.worker_init.connect

@@ -273,3 +273,25 @@ def watches_pool(pool_cls: Any) -> bool:
     module = getattr(pool_cls, "__module__", str(pool_cls))
     name = str(pool_cls)
     return module in {"celery.concurrency.solo", "celery.concurrency.thread"} or name in {"solo", "threads"}
+
+
+def release_held_messages(client: Any, requests: list[Any]) -> int:
+    """Make every message this worker still holds visible again at once (visibility 0); returns how many.
+
+    Run last at a hard timeout, just before the process ends: otherwise the messages it reserved (prefetched,
+    or tasks of other threads) would stay hidden until their visibility timeout — up to an hour — after the
+    exit. A message the hooks already acknowledged is gone, and skipped. The stuck task's own message, if no
+    hook acknowledged it, comes back too: its job is tried again, and if it hangs every time, the queue's
+    redrive policy moves it to the dead-letter queue after SAMSEG_TASK_MAX_RECEIVE_COUNT receives.
+    """
+    released = 0
+    for request in requests:
+        held = held_message(request)
+        if held is None or getattr(getattr(request, "message", None), "acknowledged", False):
+            continue
+        try:
+            client.change_message_visibility(QueueUrl=held[0], ReceiptHandle=held[1], VisibilityTimeout=0)
+            released += 1
+        except Exception as exc:  # acknowledged meanwhile, or SQS unreachable: it comes back after its timeout
+            log.warning("release_message_failed", error=repr(exc))
+    return released

@@ -15,6 +15,7 @@ import select
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -230,3 +231,20 @@ def test_a_download_stuck_in_a_c_call_ends_the_worker_with_its_own_status(make_s
     hard = logged["task_hard_time_limit"]
     assert (hard["task_id"], hard["job_uuid"]) == ("stuck-1.download", "stuck-1")
     assert hard["sqs_message_known"] is True  # a hook can acknowledge the message (samseg.watchdog.held_message)
+    # The heartbeat said why just before the exit.
+    assert (
+        "past its hard time limit"
+        in json.loads(Path(stack.env["SAMSEG_WORKER_HEARTBEAT_FILE"]).read_text())["problems"][0]
+    )
+    # Its message was made visible again at once, not after the 120 s visibility timeout: the job is retried
+    # (with no hook acknowledging it; a hook that fails the job with `timeout` acknowledges it instead).
+    assert logged["held_messages_released"]["count"] == 1
+    client = stack.sqs()
+    url = client.get_queue_url(QueueName=stack.env["SAMSEG_QUEUE_PREFIX"] + "io")["QueueUrl"]
+
+    def redelivered():
+        got = client.receive_message(QueueUrl=url, AttributeNames=["ApproximateReceiveCount"], WaitTimeSeconds=1)
+        return got.get("Messages")
+
+    (message,) = wait_until(redelivered, 20, "the stuck task's message back on the io queue")
+    assert message["Attributes"]["ApproximateReceiveCount"] == "2"
