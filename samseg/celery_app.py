@@ -54,7 +54,9 @@ def _bind_task(task_id: str | None = None, task: Any = None, args: Any = None, *
 def _active_request(task_id: str) -> Any:
     from celery.worker import state
 
-    return next((r for r in list(state.active_requests) if getattr(r, "id", None) == task_id), None)
+    from samseg.visibility import _snapshot  # the set changes under us in a threads pool
+
+    return next((r for r in _snapshot(state.active_requests) if getattr(r, "id", None) == task_id), None)
 
 
 @signals.task_postrun.connect
@@ -113,7 +115,7 @@ _metrics_server: Any = None  # the worker's own /metrics (samseg.metrics.Metrics
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     from samseg.health import Heartbeat
     from samseg.visibility import VisibilityKeeper
-    from samseg.watchdog import StageWatchdog, watches_pool
+    from samseg.watchdog import StageWatchdog, watches_pool, worker_hard_timeout
 
     settings = get_settings()
     hostname = getattr(sender, "hostname", None) or socket.gethostname()
@@ -121,7 +123,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     pool_cls = getattr(getattr(sender, "controller", None), "pool_cls", None)
     if watches_pool(pool_cls):
         # Celery enforces no time limits in solo/threads pools (celery#8395): samseg's watchdog does.
-        _watchdog = StageWatchdog(_hard_timeout(settings))
+        _watchdog = StageWatchdog(worker_hard_timeout(settings, _threads))
         _threads.append(_watchdog)
     heartbeat = Heartbeat(
         settings.worker_heartbeat_file,
@@ -147,32 +149,6 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         events=settings.events,
         time_limits_by="samseg.watchdog" if _watchdog is not None else "celery",
     )
-
-
-def _hard_timeout(settings: Settings) -> Any:
-    """What a solo/threads worker does when a task passes its hard limit, before it exits (samseg.watchdog)."""
-    from samseg.sqs import probe_client
-    from samseg.visibility import _snapshot
-    from samseg.watchdog import RunningTask, release_held_messages, run_hard_timeout_hooks
-
-    client = probe_client(settings)  # made now: at the timeout there may be no time to build one
-
-    def on_hard_timeout(task: RunningTask) -> None:
-        from celery.worker import state
-
-        from samseg.health import Heartbeat
-        from samseg.visibility import VisibilityKeeper
-
-        for thread in _threads:
-            if isinstance(thread, Heartbeat):
-                thread.beat()  # say "unhealthy" now, not at the next interval
-            if isinstance(thread, VisibilityKeeper):
-                thread.stop()  # no more extensions for messages of a process about to end
-        run_hard_timeout_hooks(task)
-        released = release_held_messages(client, _snapshot(state.reserved_requests))
-        log.info("held_messages_released", count=released)
-
-    return on_hard_timeout
 
 
 @signals.worker_init.connect

@@ -35,6 +35,8 @@ from typing import Any
 
 import structlog
 
+from samseg.settings import Settings
+
 log = structlog.get_logger(__name__)
 
 EXIT_HARD_TIMEOUT = 70  # EX_SOFTWARE: "the worker ended itself after a task passed its hard time limit"
@@ -295,3 +297,31 @@ def release_held_messages(client: Any, requests: list[Any]) -> int:
         except Exception as exc:  # acknowledged meanwhile, or SQS unreachable: it comes back after its timeout
             log.warning("release_message_failed", error=repr(exc))
     return released
+
+
+def worker_hard_timeout(settings: Settings, threads: list[Any]) -> Callable[[RunningTask], None]:
+    """The `on_hard_timeout` of a solo/threads worker (samseg.celery_app): in this order, before the exit,
+
+    report unhealthy at once (one heartbeat now), stop the visibility keeper, run the registered hooks
+    (`on_hard_timeout`), then release every message the worker still holds (`release_held_messages`).
+    `threads` is the worker's list of helper threads (heartbeat, visibility keeper, ...).
+    """
+    from samseg.health import Heartbeat
+    from samseg.sqs import probe_client
+    from samseg.visibility import VisibilityKeeper, _snapshot
+
+    client = probe_client(settings)  # made now: at the timeout there may be no time to build one
+
+    def hard_timeout(task: RunningTask) -> None:
+        from celery.worker import state
+
+        for thread in list(threads):
+            if isinstance(thread, Heartbeat):
+                thread.beat()
+            if isinstance(thread, VisibilityKeeper):
+                thread.stop()
+        run_hard_timeout_hooks(task)
+        released = release_held_messages(client, _snapshot(state.reserved_requests))
+        log.info("held_messages_released", count=released)
+
+    return hard_timeout
