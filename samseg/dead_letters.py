@@ -33,6 +33,8 @@ from samseg.contracts import UUID_PATTERN
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
+    from samseg.sqs import JobQueues
+
 log = structlog.get_logger(__name__)
 
 
@@ -188,4 +190,15 @@ def reap_once(client: SQSClient, queue_url: str, handle: Callable[[DeadLetter], 
         if done:
             delete(client, letter)
             deleted += 1
+    return deleted
+
+
+def reap_task_dead_letters(queues: JobQueues, handle: Callable[[DeadLetter], bool], max_messages: int = 10) -> int:
+    """`reap_once` on every task dead-letter queue (io, gpu) of `queues.settings`; returns how many deleted.
+
+    Meant to run periodically (a beat task on the io queue, or a thread of the io worker's main process).
+    """
+    deleted = 0
+    for dead_letters in queues.settings.task_dead_letter_queues.values():
+        deleted += reap_once(queues.client, queues.url(dead_letters), handle, max_messages=max_messages)
     return deleted

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from samseg.dead_letters import NotATaskMessage, parse_task_message, reap_once, receive
+from samseg.dead_letters import NotATaskMessage, parse_task_message, reap_once, reap_task_dead_letters, receive
 from tests.faults_support import wait_until
 from tests.support import VENV_BIN
 
@@ -139,3 +139,34 @@ def test_reap_once_deletes_only_what_the_handler_finished(published):
 def test_unreadable_bodies_say_why(body, why):
     with pytest.raises(NotATaskMessage, match=why):
         parse_task_message(body)
+
+
+def test_reap_task_dead_letters_visits_the_io_and_gpu_dlqs(published):
+    from samseg.settings import Settings
+    from samseg.sqs import JobQueues
+
+    stack = published
+    client = stack.sqs()
+    prefix = stack.env["SAMSEG_QUEUE_PREFIX"]
+    for queue in ("io", "gpu"):  # what SQS's redrive would have moved there: the real task messages
+        url = _url(stack, prefix + queue)
+        message = wait_until(lambda u=url: _receive_without_deleting(client, u), 30, f"the {queue} task")
+        client.send_message(QueueUrl=_url(stack, f"{prefix}{queue}-dlq"), MessageBody=message["Body"])
+    settings = Settings(
+        _env_file=None,
+        queue_prefix=prefix,
+        jobs_queue=stack.jobs_queue,
+        AWS_ENDPOINT_URL_SQS=stack.env["AWS_ENDPOINT_URL_SQS"],
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+    )
+    seen: list[tuple[str, str | None]] = []
+
+    def handle(letter) -> bool:
+        assert letter.task is not None
+        seen.append((letter.task.task, letter.task.job_uuid))
+        return True
+
+    queues = JobQueues(settings)
+    wait_until(lambda: (reap_task_dead_letters(queues, handle), len(seen) >= 2)[1], 30, "both dead letters handled")
+    assert sorted(seen) == [("samseg.download", "dead-1"), ("samseg.segment", "dead-2")]
