@@ -53,8 +53,8 @@ task_default_routing_key = _s.io_queue
 task_routes = {"samseg.segment": {"queue": _s.gpu_queue, "routing_key": _s.gpu_queue}}
 task_create_missing_queues = True
 
-task_soft_time_limit = 300
-task_time_limit = 360
+task_soft_time_limit = _s.io_soft_time_limit_seconds  # 300 s by default
+task_time_limit = _s.io_time_limit_seconds  # 360 s by default
 # The segment task gets its own limits (SAMSEG_SEGMENT_TIME_LIMIT_SECONDS) via task options.
 
 beat_schedule = {
@@ -63,7 +63,13 @@ beat_schedule = {
         "schedule": _s.cleanup_interval_seconds,
         # A purge nobody ran within a period is superseded by the next one (at least 5 min of slack).
         "options": {"queue": _s.io_queue, "expires": max(300.0, _s.cleanup_interval_seconds)},
-    }
+    },
+    # Stage messages the io/gpu queues dead-lettered (their worker died on every delivery) end their run.
+    "reap-dead-tasks": {
+        "task": "samseg.reap_dead_tasks",
+        "schedule": 60.0,
+        "options": {"queue": _s.io_queue, "expires": 60.0},
+    },
 }
 beat_schedule_filename = str(_s.state_dir / "celerybeat-schedule")  # beat's own host-local file
 beat_max_loop_interval = min(300.0, _s.cleanup_interval_seconds)

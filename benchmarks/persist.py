@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def packed_file(folder: Path, count: int, height: int, width: int) -> Path:
         # Built in slices so that even the 40 MP file never holds more than a few masks in memory.
         rng = np.random.default_rng(1)
 
-        def gen():  # type: ignore[no-untyped-def]
+        def gen() -> Iterator[np.ndarray]:
             for i in range(count):
                 mask = np.zeros((height, width), dtype=bool)
                 y0, x0 = int(rng.integers(0, height // 2)), int(rng.integers(0, width // 2))
@@ -176,7 +177,7 @@ def rss_table(work: Path, old_at_40mp: bool) -> list[str]:
     rows = ["| masks | size | previous persist: peak RSS | samseg: peak RSS | samseg time |", "|---|---|---|---|---|"]
     for count, (height, width) in ((100, (768, 1024)), (100, (5480, 7300))):
         path = packed_file(work, count, height, width)
-        result = {}
+        result: dict[str, dict[str, float] | None] = {}
         for mode in ("previous", "samseg"):
             if mode == "previous" and height * width > 4_000_000 and not old_at_40mp:
                 result[mode] = None

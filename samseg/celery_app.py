@@ -38,6 +38,7 @@ def _setup_logging(**_: Any) -> None:
 
 
 _started: dict[str, float] = {}
+_watchdog: Any = None  # samseg.watchdog.StageWatchdog in solo/threads workers (their tasks run in this process)
 
 
 @signals.task_prerun.connect
@@ -46,10 +47,25 @@ def _bind_task(task_id: str | None = None, task: Any = None, args: Any = None, *
     bind_job(job.get("uuid"), getattr(task, "name", None))
     if task_id:
         _started[task_id] = time.monotonic()
+    if _watchdog is not None and task_id:
+        from samseg.watchdog import task_limits
+
+        soft, hard = task_limits(task)
+        _watchdog.task_started(task_id, str(task.name), soft, hard, tuple(args or ()), _active_request(task_id))
+
+
+def _active_request(task_id: str) -> Any:
+    from celery.worker import state
+
+    from samseg.visibility import _snapshot  # the set changes under us in a threads pool
+
+    return next((r for r in _snapshot(state.active_requests) if getattr(r, "id", None) == task_id), None)
 
 
 @signals.task_postrun.connect
 def _unbind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    if _watchdog is not None and task_id:
+        _watchdog.task_finished(task_id)
     started = _started.pop(task_id or "", None)
     stage = str(getattr(task, "name", "")).removeprefix("samseg.")
     if started is not None:
@@ -95,21 +111,38 @@ def _process_shutdown(pid: int | None = None, **_: Any) -> None:
 
 
 _threads: list[Any] = []
+_metrics_server: Any = None  # the worker's own /metrics (samseg.metrics.MetricsServer), main process only
 
 
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     from samseg.health import Heartbeat
     from samseg.visibility import VisibilityKeeper
+    from samseg.watchdog import StageWatchdog, watches_pool, worker_hard_timeout
 
     settings = get_settings()
     hostname = getattr(sender, "hostname", None) or socket.gethostname()
+    global _watchdog
+    pool_cls = getattr(getattr(sender, "controller", None), "pool_cls", None)
+    if watches_pool(pool_cls):
+        # Celery enforces no time limits in solo/threads pools (celery#8395): samseg's watchdog does.
+        _watchdog = StageWatchdog(worker_hard_timeout(settings, _threads))
+        _threads.append(_watchdog)
     heartbeat = Heartbeat(
-        settings.worker_heartbeat_file, settings.worker_heartbeat_interval_seconds, hostname, _needs_model()
+        settings.worker_heartbeat_file,
+        settings.worker_heartbeat_interval_seconds,
+        hostname,
+        _needs_model(),
+        problems=_watchdog.problems if _watchdog is not None else None,
     )
     _threads.extend([VisibilityKeeper(settings), heartbeat])
     for thread in _threads:
         thread.start()
+    if settings.metrics_port:
+        from samseg import metrics
+
+        global _metrics_server
+        _metrics_server = metrics.serve(settings.metrics_port, settings.metrics_host)
     log.info(
         "worker_ready",
         jobs_queue=settings.jobs_queue,
@@ -117,6 +150,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         model=settings.sam2_model,
         device=settings.device,
         events=settings.events,
+        time_limits_by="samseg.watchdog" if _watchdog is not None else "celery",
     )
 
 
@@ -189,6 +223,8 @@ def _ensure_weights(settings: Settings) -> None:
 def _worker_shutdown(**_: Any) -> None:
     for thread in _threads:
         thread.stop()
+    if _metrics_server is not None:
+        _metrics_server.stop()
 
 
 from samseg.ingress import IngressStep  # noqa: E402  (needs `app` above)

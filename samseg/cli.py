@@ -296,6 +296,15 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     env = dict(os.environ)
     overrides: dict[str, str] = {}
     if not settings.aws_endpoint_url_sqs and not args.aws:
+        missing = _missing_emulator()
+        if missing:
+            print(
+                f"error: no SQS endpoint is configured, and the local SQS emulator is not installed ({missing}).\n"
+                "  install samseg[emulator]  (pip install 'samseg[emulator]'; scripts/install.sh does)\n"
+                "  or set AWS_ENDPOINT_URL_SQS to an SQS endpoint, or pass --aws to use AWS SQS",
+                file=sys.stderr,
+            )
+            return 1
         moto_port = _free_port()
         overrides |= {
             "AWS_ENDPOINT_URL_SQS": f"http://127.0.0.1:{moto_port}",
@@ -346,6 +355,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
         JobQueues(settings).ensure()
         celery = [sys.executable, "-m", "celery", "-A", "samseg"]
+        # Two workers on one host cannot share a metrics port: each gets its own (printed in the banner).
+        metrics_ports = {"worker-io": _free_port(), "worker-segment": _free_port()}
+        if settings.metrics_port:
+            metrics_ports = {"worker-io": settings.metrics_port, "worker-segment": settings.metrics_port + 1}
+        metrics_env = {"SAMSEG_METRICS_HOST": "127.0.0.1"} if "SAMSEG_METRICS_HOST" not in os.environ else {}
         supervisor.start(
             "worker-io",
             [
@@ -361,18 +375,22 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 "io@%h",
             ],
             SAMSEG_WORKER_HEARTBEAT_FILE=str(settings.state_dir / "worker-io.heartbeat"),
+            SAMSEG_METRICS_PORT=str(metrics_ports["worker-io"]),
+            **metrics_env,
         )
         supervisor.start(
             "worker-gpu" if device.startswith("cuda") else "worker-segment",
             [*celery, "worker", "-Q", settings.gpu_queue, "--concurrency", "1", "--hostname", "segment@%h"],
             SAMSEG_WORKER_HEARTBEAT_FILE=str(settings.state_dir / "worker-segment.heartbeat"),
+            SAMSEG_METRICS_PORT=str(metrics_ports["worker-segment"]),
+            **metrics_env,
         )
         supervisor.start("beat", [*celery, "beat"])
         supervisor.start(
             "api",
             [sys.executable, "-m", "uvicorn", "samseg.api:app", "--host", args.host, "--port", str(args.port)],
         )
-        _print_banner(settings, device, args, generated_token="SAMSEG_API_TOKEN" in overrides)
+        _print_banner(settings, device, args, metrics_ports, generated_token="SAMSEG_API_TOKEN" in overrides)
         while not stopping:
             dead = supervisor.exited()
             if dead:
@@ -385,12 +403,28 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         supervisor.stop()
 
 
+def _missing_emulator() -> str | None:
+    """Why `python -m moto.server` cannot run here (moto is the `emulator` extra, not a dependency), or None."""
+    import importlib.util
+
+    for module in ("moto", "flask"):  # moto.server needs moto's `server` extra, i.e. Flask
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"no module named {module!r}"
+    return None
+
+
 def _in_dotenv(name: str) -> bool:
     path = Path(".env")
     return path.is_file() and any(line.split("=", 1)[0].strip() == name for line in path.read_text().splitlines())
 
 
-def _print_banner(settings: Settings, device: str, args: argparse.Namespace, *, generated_token: bool) -> None:
+def _print_banner(
+    settings: Settings, device: str, args: argparse.Namespace, metrics_ports: dict[str, int], *, generated_token: bool
+) -> None:
     api = settings.public_base_url
     n = settings.amg_points_per_side
     lines = [
@@ -399,6 +433,9 @@ def _print_banner(settings: Settings, device: str, args: argparse.Namespace, *, 
         f"  SQS endpoint: {settings.aws_endpoint_url_sqs or 'AWS (' + settings.aws_region + ')'}"
         f"   jobs queue: {settings.jobs_queue}",
         f"  model: {settings.sam2_model} on {device}, {n}x{n} points, generator: {settings.amg_impl}",
+        "  metrics: "
+        + "  ".join(f"{name} http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items())
+        + f"  api {api}/metrics",
     ]
     if device == "cpu":
         cores = os.cpu_count() or 1

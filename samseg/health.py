@@ -46,20 +46,30 @@ def mark_ready(heartbeat: Path, **details: Any) -> None:
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, path: Path, interval: float, hostname: str, needs_model: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        interval: float,
+        hostname: str,
+        needs_model: bool,
+        problems: Callable[[], list[str]] | None = None,
+    ) -> None:
         super().__init__(name="samseg-heartbeat", daemon=True)
         self.path = path
         self.interval = interval
         self.hostname = hostname
         self.needs_model = needs_model
+        # What makes a live process unhealthy anyway (samseg.watchdog: a task stuck past its hard limit).
+        self.problems = problems or (lambda: [])
         self._stop = threading.Event()
 
     def beat(self) -> None:
         ready = not self.needs_model or ready_marker(self.path).exists()
-        _write_json(
-            self.path,
-            {"pid": os.getpid(), "hostname": self.hostname, "time": time.time(), "ready": ready},
-        )
+        data: dict[str, Any] = {"pid": os.getpid(), "hostname": self.hostname, "time": time.time(), "ready": ready}
+        problems = self.problems()
+        if problems:
+            data["problems"] = problems
+        _write_json(self.path, data)
 
     def run(self) -> None:
         announced = False
@@ -98,6 +108,8 @@ def worker_health(path: Path, interval: float, now: float | None = None) -> Work
         return WorkerHealth(False, False, f"heartbeat is {age:.0f}s old (interval {interval:.0f}s)")
     if not _pid_alive(int(data.get("pid", 0))):
         return WorkerHealth(False, False, f"worker pid {data.get('pid')} is gone")
+    if data.get("problems"):
+        return WorkerHealth(False, False, "unhealthy: " + "; ".join(str(p) for p in data["problems"]))
     if not data.get("ready"):
         return WorkerHealth(True, False, "alive, model still loading / warming up")
     return WorkerHealth(True, True, f"alive and ready ({data.get('hostname')})")

@@ -1,9 +1,18 @@
-"""Prometheus metrics, correct across every worker process.
+"""Prometheus metrics without a shared volume: every process tree keeps its samples on its own host.
 
-Celery prefork children, several workers and the API are separate processes, so the counters use
-prometheus_client's multiprocess mode: each process writes its samples to files under
-`$SAMSEG_ASSETS_DIR/.samseg/metrics/` (the shared volume), and the API's `/metrics` sums them. Values that
-are a property of the outside world (queue depth, disk usage) are read by the API at scrape time.
+Celery prefork children are separate processes, so the counters use prometheus_client's multiprocess mode.
+Its files are named `{type}_{pid}.db`, and containers have their own PID namespaces, so one directory
+shared between hosts or containers would mix equal PIDs of different processes (issue 8). Instead:
+
+- A *process tree* is a worker's main process with its pool children, or one API process. The first samseg
+  process of a tree to import this module (its root) makes a directory of its own,
+  `{SAMSEG_METRICS_DIR}/{pid namespace}/{root pid}` (by default under the system temp dir, never the assets
+  volume), empties it, and points PROMETHEUS_MULTIPROC_DIR at it; children forked from the root inherit it.
+  The root also removes directories of dead roots *in its own PID namespace* (their PIDs can be checked);
+  it never touches a live tree's directory, so a worker and the API on one host never wipe each other.
+- Each worker's main process serves its tree's samples on `SAMSEG_METRICS_PORT` (`serve`); the API serves
+  its own tree plus queue depth (read by a background thread, `QueueDepthPoller`) and free disk. Prometheus
+  scrapes every worker and the API (config/prometheus.yml) and sums across targets.
 
 prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is first imported, and the `celery` command has
 usually imported it already (Flower's CLI plugin does), so this module sets the variable and then makes
@@ -12,17 +21,78 @@ prometheus_client choose its value class again; metrics created afterwards are m
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import shutil
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from samseg.settings import get_settings
 
-_dir = get_settings().state_dir / "metrics"
-_dir.mkdir(parents=True, exist_ok=True)
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(_dir.resolve()))
+log = structlog.get_logger(__name__)
+
+_ROOT_ENV = "SAMSEG_METRICS_ROOT_PID"  # which process owns PROMETHEUS_MULTIPROC_DIR (set by the root)
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace id (`/proc/self/ns/pid`); PIDs are only comparable within one."""
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return "host"
+    return link.partition("[")[2].rstrip("]") or "host"
+
+
+def base_dir() -> Path:
+    configured = get_settings().metrics_dir
+    return configured if configured is not None else Path(tempfile.gettempdir()) / "samseg-metrics"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim_tree_dir() -> Path:
+    """This tree's samples directory: inherited from the root, or made (empty) if this process is the root."""
+    inherited = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    root = os.environ.get(_ROOT_ENV, "")
+    if inherited and root.isdigit() and int(root) in {os.getpid(), os.getppid()}:
+        return Path(inherited)
+    pid = os.getpid()
+    namespace_dir = base_dir() / pid_namespace()
+    mine = namespace_dir / str(pid)
+    namespace_dir.mkdir(parents=True, exist_ok=True)
+    for entry in namespace_dir.iterdir():
+        # A dead root's directory (a restarted worker, a CLI process): same namespace, so its PID is meaningful.
+        if entry.name.isdigit() and (entry == mine or not _alive(int(entry.name))):
+            shutil.rmtree(entry, ignore_errors=True)
+    mine.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mine)
+    os.environ[_ROOT_ENV] = str(pid)
+    atexit.register(_remove_tree_dir, mine, pid)
+    return mine
+
+
+def _remove_tree_dir(path: Path, root_pid: int) -> None:
+    if os.getpid() == root_pid:  # forked children inherit atexit handlers; only the root removes
+        shutil.rmtree(path, ignore_errors=True)
+
+
+TREE_DIR = _claim_tree_dir()
 
 from prometheus_client import (  # noqa: E402  (after the environment variable above)
     CollectorRegistry,
@@ -30,6 +100,7 @@ from prometheus_client import (  # noqa: E402  (after the environment variable a
     Histogram,
     generate_latest,
     multiprocess,
+    start_http_server,
     values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric  # noqa: E402
@@ -54,54 +125,131 @@ MASKS_PER_JOB = Histogram(
 CALLBACKS = Counter("samseg_callbacks_total", "Callbacks to the app server, by final result", ["result"])
 
 
-class ScrapeTimeCollector(Collector):
-    """Queue depth and disk usage, read when Prometheus scrapes (cached briefly: walking a big tree is slow)."""
+def tree_registry(*extra: Collector) -> CollectorRegistry:
+    """A registry of this process tree's samples (every process of it) plus `extra` collectors."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(TREE_DIR))  # type: ignore[no-untyped-call]
+    for collector in extra:
+        registry.register(collector)
+    return registry
 
-    def __init__(self, assets_dir: Path, queue_depth: Callable[[], dict[str, int]], cache_seconds: float = 30) -> None:
-        self.assets_dir = assets_dir
-        self.queue_depth = queue_depth
-        self.cache_seconds = cache_seconds
-        self._usage: tuple[float, int] | None = None
+
+def render(*extra: Collector) -> bytes:
+    return generate_latest(tree_registry(*extra))
+
+
+def process_exited(pid: int) -> None:
+    multiprocess.mark_process_dead(pid, path=str(TREE_DIR))  # type: ignore[no-untyped-call]
+
+
+# --- a worker's own /metrics -----------------------------------------------------------------------------
+@dataclass
+class MetricsServer:
+    port: int
+    _server: Any
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve(port: int, host: str) -> MetricsServer | None:
+    """Serve this tree's samples on http://host:port/metrics from a daemon thread of the calling process.
+
+    Called by the worker's main process (which sees its pool children's files). A port already in use is
+    logged and the worker goes on without metrics: losing a scrape target must not stop job processing.
+    """
+    try:
+        server, thread = start_http_server(port, addr=host, registry=tree_registry())
+    except OSError as exc:
+        log.error("metrics_server_failed", port=port, host=host, error=repr(exc))
+        return None
+    bound = int(server.server_address[1])
+    log.info("metrics_serving", url=f"http://{host}:{bound}/metrics", samples_dir=str(TREE_DIR))
+    return MetricsServer(bound, server, thread)
+
+
+# --- the API's extra samples -------------------------------------------------------------------------------
+class QueueDepthPoller(Collector):
+    """Reads queue depths every `interval` seconds in a background thread, never on a scrape's thread.
+
+    Started on first use (so importing the API starts no thread). A scrape reports the last successful read
+    while it is recent (3 intervals); while SQS is unreachable the depth samples disappear and
+    `samseg_queue_depth_age_seconds` keeps growing, which is what an alert should watch.
+    """
+
+    def __init__(self, read: Callable[[], dict[str, int]], interval: float) -> None:
+        self.read = read
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._first = threading.Event()
+        self._stop = threading.Event()
+        self._last: tuple[float, dict[str, int]] | None = None
+        self._failing = False
+
+    def ensure_started(self, first_wait: float = 1.0) -> None:
+        """Start the thread once; the very first caller waits up to `first_wait` s for the first read."""
+        with self._lock:
+            started = self._thread is not None
+            if not started:
+                self._thread = threading.Thread(target=self._run, name="samseg-queue-depth", daemon=True)
+                self._thread.start()
+        if not started:
+            self._first.wait(first_wait)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def latest(self) -> tuple[float, dict[str, int]] | None:
+        """(age in seconds, depths) of the last successful read, or None if there was none yet."""
+        last = self._last
+        return None if last is None else (time.monotonic() - last[0], last[1])
+
+    def poll_once(self) -> None:
+        try:
+            depths = self.read()
+        except Exception as exc:  # SQS unreachable: keep the old values, let them age
+            if not self._failing:
+                log.warning("queue_depth_unavailable", error=repr(exc))
+            self._failing = True
+        else:
+            self._last = (time.monotonic(), depths)
+            if self._failing:
+                log.info("queue_depth_available")
+            self._failing = False
+        finally:
+            self._first.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            self._stop.wait(self.interval)
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
             "samseg_queue_depth", "ApproximateNumberOfMessages of samseg's queues", labels=["queue"]
         )
-        try:
-            for name, value in self.queue_depth().items():
+        latest = self.latest()
+        if latest is not None and latest[0] <= 3 * self.interval:
+            for name, value in latest[1].items():
                 depth.add_metric([name], value)
-        except Exception:
-            pass  # SQS unreachable: no sample rather than a failed scrape (readyz reports the broker)
         yield depth
-        used = GaugeMetricFamily("samseg_assets_bytes", "Bytes of files under SAMSEG_ASSETS_DIR")
-        used.add_metric([], self._assets_bytes())
-        yield used
+        if latest is not None:
+            age = GaugeMetricFamily("samseg_queue_depth_age_seconds", "Seconds since queue depth was last read")
+            age.add_metric([], round(latest[0], 3))
+            yield age
+
+
+class DiskCollector(Collector):
+    """Free bytes on the assets filesystem: one statvfs per scrape (no walk of the tree)."""
+
+    def __init__(self, assets_dir: Path) -> None:
+        self.assets_dir = assets_dir
+
+    def collect(self) -> Iterator[Metric]:
         free = GaugeMetricFamily("samseg_assets_free_bytes", "Free bytes on the assets filesystem")
-        free.add_metric([], shutil.disk_usage(self.assets_dir).free if self.assets_dir.exists() else 0)
+        with contextlib.suppress(OSError):
+            free.add_metric([], shutil.disk_usage(self.assets_dir).free)
         yield free
-
-    def _assets_bytes(self) -> int:
-        now = time.monotonic()
-        if self._usage and now - self._usage[0] < self.cache_seconds:
-            return self._usage[1]
-        total = 0
-        for root, _dirs, files in os.walk(self.assets_dir):
-            for name in files:
-                try:
-                    total += os.lstat(os.path.join(root, name)).st_size
-                except OSError:
-                    continue
-        self._usage = (now, total)
-        return total
-
-
-def render(extra: Collector | None = None) -> bytes:
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    if extra is not None:
-        registry.register(extra)
-    return generate_latest(registry)
-
-
-def process_exited(pid: int) -> None:
-    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

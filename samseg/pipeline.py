@@ -40,7 +40,9 @@ from samseg.notify import send_callback, webhook_id_for
 from samseg.results import describe_segments, mask_path
 from samseg.segmenter import get_segmenter
 from samseg.settings import Settings, get_settings
+from samseg.sqs import JobQueues, probe_client
 from samseg.stores import Stores, build_stores
+from samseg.watchdog import RunningTask, held_message, on_hard_timeout
 
 log = structlog.get_logger(__name__)
 
@@ -266,12 +268,66 @@ def on_job_error(request: Any, exc: BaseException, traceback: Any) -> None:
         self.stores.assets.discard_work(uuid, run_id)
     except Exception as cleanup:  # the orphan sweep removes them later
         log.warning("work_cleanup_failed", job_uuid=uuid, error=repr(cleanup))
-    if not self.stores.jobs.advance(uuid, run_id, JobState.FAILED, error=error):
-        log.info("job_error_of_stale_run_ignored", job_uuid=uuid, run_id=run_id)
+    # notify itself failed: the status says so; sending the callback is what failed
+    fail_run(self.stores, uuid, run_id, error, callback=getattr(request, "task", None) != notify.name)
+
+
+def fail_run(stores: Stores, uuid: str, run_id: str, error: ErrorInfo, *, callback: bool = True) -> bool:
+    """End a run as failed — one conditional write — and queue its `failed` callback.
+
+    False (and nothing sent) when the record belongs to another run or the run already ended: each run gets
+    exactly one terminal callback, whichever of the errback, the watchdog or the dead-letter reaper gets here.
+    """
+    if not stores.jobs.advance(uuid, run_id, JobState.FAILED, error=error):
+        log.info("run_already_ended_or_replaced", job_uuid=uuid, run_id=run_id, code=error.code)
+        return False
+    if callback:
+        payload = {"uuid": uuid, "run_id": run_id, "error": error.model_dump()}
+        notify.apply_async((payload,), task_id=f"{uuid}.notify")
+    return True
+
+
+@on_hard_timeout
+def _fail_hung_task(task: RunningTask) -> None:
+    """The watchdog's hook (solo/threads pools): a stage stuck in a C call past its hard limit.
+
+    The worker exits right after this (the stuck thread cannot be stopped), so: fail the run (`timeout`),
+    queue its callback, then acknowledge its message — in that order, so an outage in between leaves the
+    message to be retried rather than a job without a callback.
+    """
+    job = task.job or {}
+    uuid, run_id = job.get("uuid"), job.get("run_id")
+    if not uuid or not run_id:
         return
-    if getattr(request, "task", None) == notify.name:
-        return  # notify itself failed: the status says so; sending the callback is what failed
-    notify.apply_async(({"uuid": uuid, "run_id": run_id, "error": error.model_dump()},), task_id=f"{uuid}.notify")
+    settings = get_settings()
+    error = ErrorInfo(
+        code="timeout", message=f"{task.name} passed its hard time limit stuck outside Python; the worker restarts"
+    )
+    fail_run(build_stores(settings), uuid, run_id, error, callback=task.name != notify.name)
+    held = held_message(task.request)
+    if held is not None:
+        probe_client(settings).delete_message(QueueUrl=held[0], ReceiptHandle=held[1])
+
+
+@app.task(name="samseg.reap_dead_tasks", bind=True, base=StageTask)
+def reap_dead_tasks(self: StageTask) -> int:
+    """Beat, every minute: stage messages SQS dead-lettered (their worker died on every delivery — the kernel's
+    OOM killer on one huge image, a segfault) end their run as failed with `worker_lost`."""
+    from samseg.dead_letters import DeadLetter, reap_task_dead_letters
+
+    def handle(letter: DeadLetter) -> bool:
+        dead = letter.task
+        if dead is None or dead.job_uuid is None or dead.run_id is None:
+            log.error("dead_task_unreadable", message_id=letter.message_id, error=letter.error, body=letter.body[:300])
+            return True  # nothing to end; it stays visible in the log
+        error = ErrorInfo(
+            code="worker_lost",
+            message=f"{dead.task} killed its worker on each of {letter.receive_count} deliveries (out of memory?)",
+        )
+        fail_run(self.stores, dead.job_uuid, dead.run_id, error, callback=dead.task != notify.name)
+        return True
+
+    return reap_task_dead_letters(JobQueues(self.settings), handle)
 
 
 def error_info(exc: BaseException) -> ErrorInfo:

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     queue_prefix: str = "samseg-"
     visibility_timeout_seconds: int = Field(3600, ge=30, le=43200)
     jobs_max_receive_count: int = Field(5, ge=1, le=1000)
+    # Receives of one Celery task message (io, gpu) before SQS moves it to `<queue>-dlq`: a task whose worker
+    # dies every time (the OOM killer on one huge image) stops there instead of being redelivered forever.
+    task_max_receive_count: int = Field(5, ge=1, le=1000)
     # Celery monitoring events through SNS, so that Flower shows workers and tasks (docs/flower-on-sqs.md).
     # One SNS publish per event (a heartbeat every 2 s per worker): off unless Flower is used.
     events: bool = False
@@ -119,6 +122,9 @@ class Settings(BaseSettings):
     amg_half: bool = False
     amg_prune: bool = False
     segment_time_limit_seconds: int = Field(1800, ge=10)
+    # Hard time limit of the io tasks (download, persist, purge); the soft limit is 20 % (at most 60 s)
+    # earlier. Enforced by Celery in prefork pools and by samseg.watchdog in solo and threads pools.
+    io_time_limit_seconds: int = Field(360, ge=2)
     weights_base_url: str | None = None
 
     # --- health ------------------------------------------------------------------------------------------
@@ -126,6 +132,14 @@ class Settings(BaseSettings):
     worker_heartbeat_interval_seconds: float = Field(10.0, gt=0)
     preload_model: bool = True
     min_free_disk_bytes: int = Field(1024**3, ge=0)
+
+    # --- metrics ---------------------------------------------------------------------------------------
+    # Per-host directory for prometheus_client's multiprocess files (never the assets volume); unset: the
+    # system temp dir's samseg-metrics/. Each process tree uses {dir}/{pid namespace}/{root pid}.
+    metrics_dir: Path | None = None
+    metrics_port: int = Field(0, ge=0, le=65535)  # a worker's own /metrics (main process); 0 = off
+    metrics_host: str = "0.0.0.0"
+    queue_depth_interval_seconds: float = Field(15.0, gt=0)  # the API's background read of queue depths
 
     # --- logging ---------------------------------------------------------------------------------------
     log_level: str = "INFO"
@@ -322,6 +336,15 @@ class Settings(BaseSettings):
     @property
     def dead_letter_queue(self) -> str:
         return f"{self.jobs_queue}-dlq"
+
+    @property
+    def io_soft_time_limit_seconds(self) -> float:
+        return max(0.8 * self.io_time_limit_seconds, self.io_time_limit_seconds - 60)
+
+    @property
+    def task_dead_letter_queues(self) -> dict[str, str]:
+        """Celery's own queues → their dead-letter queues (redrive after SAMSEG_TASK_MAX_RECEIVE_COUNT)."""
+        return {self.io_queue: f"{self.io_queue}-dlq", self.gpu_queue: f"{self.gpu_queue}-dlq"}
 
     @property
     def io_queue(self) -> str:

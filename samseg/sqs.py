@@ -21,13 +21,15 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-def sqs_client(settings: Settings) -> SQSClient:
+def sqs_client(
+    settings: Settings, *, connect_timeout: float = 5, read_timeout: float = 30, retries: int = 3
+) -> SQSClient:
     # Bounded retries and timeouts: the API must answer (503) rather than hang while SQS is down.
     config = Config(
         region_name=settings.aws_region,
-        retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=5,
-        read_timeout=30,
+        retries={"max_attempts": retries, "mode": "standard"},  # retries after the first attempt
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
     )
     return boto3.client(
         "sqs",
@@ -36,6 +38,11 @@ def sqs_client(settings: Settings) -> SQSClient:
         aws_secret_access_key=settings.aws_secret_access_key,
         config=config,
     )
+
+
+def probe_client(settings: Settings) -> SQSClient:
+    """A client for health checks: fails fast (2 s to connect, 3 s to answer, no retries) instead of waiting."""
+    return sqs_client(settings, connect_timeout=2, read_timeout=3, retries=0)
 
 
 class JobQueues:
@@ -63,9 +70,19 @@ class JobQueues:
         jobs_attrs = {"VisibilityTimeout": visibility, "RedrivePolicy": redrive, "ReceiveMessageWaitTimeSeconds": "10"}
         jobs_url = self._create(s.jobs_queue, jobs_attrs)
         urls = {s.jobs_queue: jobs_url, s.dead_letter_queue: dlq_url}
-        for name in (s.io_queue, s.gpu_queue):
-            urls[name] = self._create(name, {"VisibilityTimeout": visibility})
+        for name, dead_letters in s.task_dead_letter_queues.items():
+            # Celery's queues: a task message received SAMSEG_TASK_MAX_RECEIVE_COUNT times without being
+            # deleted (its worker died each time) moves to `<queue>-dlq`; samseg.dead_letters reads it back.
+            urls[dead_letters] = self._create(dead_letters, {"MessageRetentionPeriod": str(14 * 24 * 3600)})
+            task_redrive = json.dumps(
+                {"deadLetterTargetArn": self.arn(urls[dead_letters]), "maxReceiveCount": str(s.task_max_receive_count)}
+            )
+            urls[name] = self._create(name, {"VisibilityTimeout": visibility, "RedrivePolicy": task_redrive})
         return urls
+
+    def arn(self, url: str) -> str:
+        attrs = self.client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]
+        return attrs["QueueArn"]
 
     def _create(self, name: str, attributes: dict[str, str]) -> str:
         try:
@@ -100,6 +117,21 @@ class JobQueues:
                 "samseg_source_message_id": {"DataType": "String", "StringValue": message_id or "unknown"},
             },
         )
+
+    def reachable(self, name: str) -> str:
+        """One real SQS call (GetQueueAttributes) on every use: a cached URL alone proves nothing after an outage.
+
+        Meant for a client built by `probe_client` (short timeouts, one attempt), so a readiness probe answers
+        within a few seconds while SQS is down or unreachable.
+        """
+        try:
+            attrs = self.client.get_queue_attributes(
+                QueueUrl=self.url(name), AttributeNames=["ApproximateNumberOfMessages"]
+            )["Attributes"]
+        except self.client.exceptions.QueueDoesNotExist:
+            self._urls.pop(name, None)  # deleted (or never created): look it up again next time
+            raise
+        return f"{name} reachable ({attrs.get('ApproximateNumberOfMessages', '?')} messages waiting)"
 
     def visibility_timeout(self, name: str) -> int:
         attrs = self.client.get_queue_attributes(QueueUrl=self.url(name), AttributeNames=["VisibilityTimeout"])

@@ -17,5 +17,5 @@ fi
 pip=("$VENV/bin/python" -m pip install -q)
 "${pip[@]}" torch==2.14.1 torchvision==0.29.1
 "$VENV/bin/python" -c "import sam2" 2>/dev/null || "${pip[@]}" --no-build-isolation sam2==1.1.0
-"${pip[@]}" --no-build-isolation -e ".[ops,dev]"
+"${pip[@]}" --no-build-isolation -e ".[ops,dev,emulator]"
 echo "samseg installed in $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

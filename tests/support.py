@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -187,3 +189,218 @@ def wait_http(url: str, timeout: float) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} not up after {timeout}s")
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of one upstream (e.g. the moto server) that can fake network outages.
+
+    Point a client at `proxy.url` (or `proxy.port`) instead of the upstream; the port stays the same across
+    modes, so a client configured once sees the outage and the recovery. Modes (switch from any thread):
+
+    - `restore()` (the initial mode): bytes flow both ways.
+    - `refuse()`: the way a stopped service looks. The listening socket closes, so new connections get
+      `ECONNREFUSED` at once, and every open connection is reset (RST).
+    - `drop()`: the way a network partition or a lost route looks. Connections are still accepted (by the
+      kernel's backlog) but nothing is forwarded in either direction; bytes are read and discarded, so a
+      client waits until its own timeout. Connections open at `drop()` stall the same way.
+
+    `restore()` after `drop()` resets the connections that were stalled (their byte streams lost data, so
+    they cannot resume) and forwards again; after `refuse()` it listens again on the same port. Upstream
+    state (queues, messages) is never touched. `accepted` counts connections accepted (any mode), which lets
+    a test prove its client really went through the proxy; `discarded_bytes` counts what `drop()` swallowed
+    (a test can wait for it to grow instead of sleeping). Use it as a context manager, or call `close()`.
+    """
+
+    def __init__(self, target_host: str, target_port: int, host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.host = host
+        self.accepted = 0
+        self.discarded_bytes = 0  # bytes read from either side while dropping, and thrown away
+        self._lock = threading.Lock()
+        self._mode = "pass"
+        self._closed = False
+        self._listener: socket.socket | None = None
+        self._pairs: set[_ProxiedConnection] = set()
+        self.port = free_port()
+        self.url = f"http://{host}:{self.port}"
+        with self._lock:
+            self._listen()
+
+    @property
+    def mode(self) -> str:
+        """'pass', 'refuse' or 'drop'."""
+        return self._mode
+
+    def refuse(self) -> None:
+        with self._lock:
+            self._mode = "refuse"
+            listener, self._listener = self._listener, None
+            pairs, self._pairs = self._pairs, set()
+        if listener is not None:
+            _close_quietly(listener)
+        for pair in pairs:
+            pair.reset()
+
+    def drop(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("TcpProxy is closed")
+            self._mode = "drop"
+            if self._listener is None:
+                self._listen()
+            for pair in self._pairs:
+                pair.stalled = True
+
+    def restore(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("TcpProxy is closed")
+            self._mode = "pass"
+            stalled = {p for p in self._pairs if p.stalled}
+            self._pairs -= stalled
+            if self._listener is None:
+                self._listen()
+        for pair in stalled:
+            pair.reset()
+
+    def close(self) -> None:
+        self.refuse()
+        with self._lock:
+            self._closed = True
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals (called with self._lock held where noted) ------------------------------------------------
+    def _listen(self) -> None:  # lock held
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Rebinding the same port after refuse(): another process could take it in between; on loopback in a
+        # test run that has not been seen, and it fails loudly here (EADDRINUSE) rather than silently.
+        listener.bind((self.host, self.port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), name=f"tcpproxy-{self.port}", daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # listener closed by refuse()/close()
+            with self._lock:
+                self.accepted += 1
+                mode = self._mode if self._listener is listener else "refuse"
+            if mode == "refuse":
+                _reset(client)
+                continue
+            upstream = None
+            if mode == "pass":
+                try:
+                    upstream = socket.create_connection(self.target, timeout=5)
+                    upstream.settimeout(None)
+                except OSError:
+                    _reset(client)  # upstream down: the client sees what it would see without the proxy
+                    continue
+            pair = _ProxiedConnection(client, upstream, stalled=upstream is None, on_discard=self._discarded)
+            with self._lock:
+                # The mode may have changed while this connection was being set up: apply the current one.
+                current = self._mode if self._listener is listener else "refuse"
+                if current == "pass" and upstream is None:
+                    current = "refuse"  # accepted while dropping, restored since: reset, as restore() does
+                if current != "refuse":
+                    pair.stalled = pair.stalled or current == "drop"
+                    self._pairs.add(pair)
+            if current == "refuse":
+                pair.reset()
+                continue
+            pair.start(self._forget)
+
+    def _discarded(self, count: int) -> None:
+        with self._lock:
+            self.discarded_bytes += count
+
+    def _forget(self, pair: _ProxiedConnection) -> None:
+        with self._lock:
+            self._pairs.discard(pair)
+
+
+class _ProxiedConnection:
+    """One client connection (and its upstream connection unless it was accepted while dropping)."""
+
+    def __init__(
+        self,
+        client: socket.socket,
+        upstream: socket.socket | None,
+        stalled: bool,
+        on_discard: Callable[[int], None],
+    ) -> None:
+        self.client = client
+        self.on_discard = on_discard
+        self.upstream = upstream
+        self.stalled = stalled  # read and discard instead of forwarding (drop mode)
+        self._lock = threading.Lock()
+        self._running = 0
+        self._closed = False
+
+    def start(self, on_done: Callable[[_ProxiedConnection], None]) -> None:
+        directions: list[tuple[socket.socket, socket.socket | None]] = [(self.client, self.upstream)]
+        if self.upstream is not None:
+            directions.append((self.upstream, self.client))
+        self._running = len(directions)
+        for src, dst in directions:
+            threading.Thread(target=self._pump, args=(src, dst, on_done), daemon=True).start()
+
+    def _pump(
+        self, src: socket.socket, dst: socket.socket | None, on_done: Callable[[_ProxiedConnection], None]
+    ) -> None:
+        clean = False
+        try:
+            while data := src.recv(65536):
+                if self.stalled or dst is None:
+                    self.on_discard(len(data))
+                else:
+                    dst.sendall(data)
+            if not self.stalled and dst is not None:
+                dst.shutdown(socket.SHUT_WR)  # pass the half-close on; the other direction may go on
+                clean = True
+        except OSError:
+            pass
+        if not clean:
+            self.reset()  # wakes the other direction's thread too
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        if last:
+            self._close(abort=False)
+            on_done(self)
+
+    def reset(self) -> None:
+        """Abort both sides with RST."""
+        self._close(abort=True)
+
+    def _close(self, abort: bool) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for sock in (self.client, self.upstream):
+            if sock is not None:
+                (_reset if abort else _close_quietly)(sock)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST (linger 0); shutdown first so a thread blocked in recv() on it wakes up."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    _close_quietly(sock)
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()

@@ -105,6 +105,13 @@ def test_samseg_up_runs_the_whole_stack_and_stops_cleanly(make_stack, http_serve
         assert body["status"] == "completed"
         first = httpx.get(body["segments"][0]["mask_url"], timeout=10)
         assert first.status_code == 200 and first.content.startswith(b"\x89PNG")
+        # Each worker serves its own /metrics on the port the banner names (no shared metrics directory).
+        io_metrics = re.search(r"worker-io (http://127\.0\.0\.1:\d+/metrics)", up.output())
+        assert io_metrics, up.output()[-3000:]
+        deadline = time.monotonic() + 30
+        while 'samseg_jobs_total{outcome="completed"} 1.0' not in (text := httpx.get(io_metrics[1], timeout=10).text):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
 
         up.popen.send_signal(signal.SIGINT)
         assert up.popen.wait(60) == 0

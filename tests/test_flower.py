@@ -124,7 +124,14 @@ def test_flower_shows_worker_online_and_task_succeeded_over_sqs(make_stack, moto
     assert flower_proc.stop() == 0
     assert _subscribed_queues(moto_url, topic) == []
     names = [url.rsplit("/", 1)[-1] for url in stack.sqs().list_queues().get("QueueUrls", [])]
-    own = {stack.jobs_queue, f"{stack.jobs_queue}-dlq", f"{prefix}io", f"{prefix}gpu"}
+    own = {
+        stack.jobs_queue,
+        f"{stack.jobs_queue}-dlq",
+        f"{prefix}io",
+        f"{prefix}gpu",
+        f"{prefix}io-dlq",
+        f"{prefix}gpu-dlq",
+    }
     assert [name for name in names if prefix in name and name not in own] == []
 
 

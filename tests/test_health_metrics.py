@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from tests.support import AUTH, VENV_BIN, Route, free_port, scene_png
+from tests.support import VENV_BIN, Route, free_port, scene_png
 
 
 def _healthcheck(env, *extra):
@@ -88,24 +88,37 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 
 def test_metrics_move_after_a_job(make_stack, http_server, app_server):
+    """The all-in-one worker serves its own /metrics (SAMSEG_METRICS_PORT); the API serves queue depth."""
     http_server.routes["/m.png"] = Route(body=scene_png())
-    stack = make_stack(SAMSEG_APP_SERVER_URL=app_server.url)
+    port = free_port()
+    stack = make_stack(SAMSEG_APP_SERVER_URL=app_server.url, SAMSEG_METRICS_PORT=str(port))
+    stack.env["SAMSEG_METRICS_PORT"] = "0"  # the API has no metrics port of its own
     api = stack.start_api()
+    stack.env["SAMSEG_METRICS_PORT"] = str(port)
     stack.start_worker()
-    before = httpx.get(f"{api}/metrics", headers=AUTH, timeout=30).text
+    worker = f"http://127.0.0.1:{port}/metrics"
+    before = httpx.get(worker, timeout=30).text
     assert _sample(before, "samseg_jobs_total", outcome="completed") == 0
-    assert f'samseg_queue_depth{{queue="{stack.jobs_queue}"}}' in before
+    deadline = time.monotonic() + 30
+    while f'samseg_queue_depth{{queue="{stack.jobs_queue}"}}' not in httpx.get(f"{api}/metrics", timeout=30).text:
+        assert time.monotonic() < deadline, "no queue depth on the API's /metrics"
+        time.sleep(0.5)
 
     stack.send_raw(json.dumps({"uuid": "metrics-1", "image_url": f"{http_server.url}/m.png"}))
     (patch,) = app_server.wait_for(lambda r: r.method == "PATCH", timeout=180)
     masks = len(patch.json()["segments"])
-    time.sleep(1)  # the notify task's postrun records its duration just after the callback
+    deadline = time.monotonic() + 30
+    # The notify task's postrun records its duration just after the callback.
+    while (
+        _sample(after := httpx.get(worker, timeout=30).text, "samseg_stage_duration_seconds_count", stage="notify") < 1
+    ):
+        assert time.monotonic() < deadline, after
+        time.sleep(0.2)
 
-    after = httpx.get(f"{api}/metrics", headers=AUTH, timeout=30).text
     assert _sample(after, "samseg_jobs_total", outcome="completed") == 1
     for stage in ("download", "segment", "persist", "notify"):
         assert _sample(after, "samseg_stage_duration_seconds_count", stage=stage) == 1, stage
     assert _sample(after, "samseg_masks_per_job_count") == 1
     assert _sample(after, "samseg_masks_per_job_sum") == masks
     assert _sample(after, "samseg_callbacks_total", result="delivered") == 1
-    assert _sample(after, "samseg_assets_bytes") > 0
+    assert _sample(httpx.get(f"{api}/metrics", timeout=30).text, "samseg_assets_free_bytes") > 0

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 
+from samseg import metrics  # noqa: F401  (first: it sets up prometheus_client's multiprocess mode)
 from samseg.api import assets, health, jobs
 from samseg.logs import configure_logging
 from samseg.settings import Settings, get_settings
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.stores = stores
         app.state.queues = JobQueues(settings)
         app.state.published = assets.PublishedCache()
+        app.state.health = health.HealthState(settings)
         yield
 
     app = FastAPI(

@@ -6,12 +6,32 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from samseg import metrics  # first: it configures prometheus_client's multiprocess mode
-from samseg.api.deps import QueuesDep, SettingsDep, StoresDep, authenticated
+from samseg.api.deps import SettingsDep, StoresDep, authenticated
 from samseg.health import readiness
 from samseg.settings import Settings
-from samseg.sqs import JobQueues
+from samseg.sqs import JobQueues, probe_client
 
 router = APIRouter(tags=["health"])
+
+
+class HealthState:
+    """What the health routes keep between requests: a fail-fast SQS client and the metric collectors."""
+
+    def __init__(self, settings: Settings) -> None:
+        # One attempt, short timeouts, a real request on every probe: a cached answer would hide an outage.
+        self.probe = JobQueues(settings, client=probe_client(settings))
+        names = (settings.jobs_queue, settings.dead_letter_queue, settings.io_queue, settings.gpu_queue)
+        queues = (*names, *settings.task_dead_letter_queues.values())
+        # Read by a background thread (started by the first scrape), never on the scrape's own thread.
+        self.queue_depth = metrics.QueueDepthPoller(
+            lambda: {name: self.probe.depth(name) for name in queues}, settings.queue_depth_interval_seconds
+        )
+        self.disk = metrics.DiskCollector(settings.assets_dir)
+
+
+def _state(request: Request) -> HealthState:
+    state: HealthState = request.app.state.health
+    return state
 
 
 @router.get("/healthz")
@@ -21,27 +41,18 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def readyz(settings: SettingsDep, stores: StoresDep, queues: QueuesDep) -> JSONResponse:
+def readyz(request: Request, settings: SettingsDep, stores: StoresDep) -> JSONResponse:
     """Ready to take jobs: SQS, the blob store and the job store answer. 503 lists what does not."""
-
-    def broker() -> str:
-        queues.depth(settings.jobs_queue)  # a real request every time: a cached URL would hide an outage
-        return f"{settings.jobs_queue} reachable"
-
-    ok, checks = readiness(settings, broker, stores)
+    probe = _state(request).probe
+    ok, checks = readiness(settings, lambda: probe.reachable(settings.jobs_queue), stores)
     return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
 
 
 @router.get("/metrics", response_class=Response, dependencies=[authenticated])
-def prometheus_metrics(request: Request, settings: SettingsDep, queues: QueuesDep) -> Response:
-    """Prometheus text format: job outcomes, stage durations, masks per job, queue depth, disk usage."""
-    collector = getattr(request.app.state, "scrape_collector", None)
-    if collector is None:
-        collector = metrics.ScrapeTimeCollector(settings.assets_dir, lambda: _queue_depths(settings, queues))
-        request.app.state.scrape_collector = collector
-    return Response(metrics.render(collector), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-def _queue_depths(settings: Settings, queues: JobQueues) -> dict[str, int]:
-    names = (settings.jobs_queue, settings.dead_letter_queue, settings.io_queue, settings.gpu_queue)
-    return {name: queues.depth(name) for name in names}
+def prometheus_metrics(request: Request) -> Response:
+    """Prometheus text format: this API process's samples, queue depth, free disk (workers serve their own)."""
+    state = _state(request)
+    state.queue_depth.ensure_started()
+    return Response(
+        metrics.render(state.queue_depth, state.disk), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
