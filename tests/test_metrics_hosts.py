@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from tests.faults_support import is_callback, wait_until
-from tests.support import VENV_BIN, Proc, TcpProxy, free_port
+from tests.support import AUTH, VENV_BIN, Proc, TcpProxy, free_port
 
 
 def _sample(text: str, name: str, **labels: str) -> float | None:
@@ -26,7 +26,7 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
 
 
 def _scrape(url: str, timeout: float = 10) -> str:
-    response = httpx.get(url, timeout=timeout)
+    response = httpx.get(url, headers=AUTH, timeout=timeout)  # the API wants its token; workers ignore it
     assert response.status_code == 200, response.text
     return response.text
 
@@ -133,7 +133,7 @@ def test_a_restarted_worker_removes_only_its_dead_predecessors_directory(make_st
     second = _worker(stack, "second", queues, "--pool", "threads")
     assert {p.name for p in ns_dir.iterdir()} == {api_pid, str(second.popen.pid)}
     assert (foreign / "counter_1.db").exists()
-    assert httpx.get(f"{api}/metrics", timeout=10).status_code == 200  # the API's directory still works
+    assert httpx.get(f"{api}/metrics", headers=AUTH, timeout=10).status_code == 200  # the API's directory still works
     second.stop()  # a clean stop removes the tree's directory
     assert {p.name for p in ns_dir.iterdir()} == {api_pid}
 

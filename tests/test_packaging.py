@@ -25,7 +25,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.faults_support import is_callback
-from tests.support import REPO, VENV_BIN, free_port
+from tests.support import AUTH, REPO, VENV_BIN, free_port
 
 NOEXTRAS_DIR = REPO / "tests" / "noextras"
 # Only in extras: the emulator (moto and what its `server` extra pulls) and Flower.
@@ -138,7 +138,7 @@ def test_worker_beat_and_api_start_and_run_a_job_without_extras(make_stack, imag
     (patch,) = app_server.wait_for(is_callback("noextras-1"), timeout=180)
     assert patch.json()["status"] == "completed", patch.json()
     assert httpx.get(f"{api}/readyz", timeout=30).status_code == 200
-    assert "samseg_jobs_total" in httpx.get(f"{api}/metrics", timeout=30).text
+    assert "samseg_assets_free_bytes" in httpx.get(f"{api}/metrics", headers=AUTH, timeout=30).text
     if "flower" in blocked_modules():
         # Proof the block was active inside the real worker: celery's CLI tried Flower's plugin and failed.
         assert "samseg_test_blocked_import flower" in worker.output()

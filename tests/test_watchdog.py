@@ -23,7 +23,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from samseg.health import Heartbeat, worker_health
 from samseg.watchdog import EXIT_HARD_TIMEOUT, StageWatchdog
-from tests.faults_support import events, is_callback, wait_until
+from tests.faults_support import count_events, events, is_callback, wait_until
 
 
 def _run_in_thread(target) -> tuple[threading.Thread, dict[str, Any]]:
@@ -189,9 +189,9 @@ def stalling():
 POOLS = [("threads", "-c", "2"), ("solo",)]
 
 
-def _io_worker(stack, pool: tuple[str, ...]):
+def _io_worker(stack, pool: tuple[str, ...], name: str = "io"):
     queues = f"{stack.jobs_queue},{stack.env['SAMSEG_QUEUE_PREFIX']}io"
-    return stack.start_worker("-Q", queues, "--pool", *pool, name=f"io-{pool[0]}")
+    return stack.start_worker("-Q", queues, "--pool", *pool, name=f"{name}-{pool[0]}")
 
 
 @pytest.mark.parametrize("pool", POOLS, ids=lambda p: p[0])
@@ -236,15 +236,19 @@ def test_a_download_stuck_in_a_c_call_ends_the_worker_with_its_own_status(make_s
         "past its hard time limit"
         in json.loads(Path(stack.env["SAMSEG_WORKER_HEARTBEAT_FILE"]).read_text())["problems"][0]
     )
-    # Its message was made visible again at once, not after the 120 s visibility timeout: the job is retried
-    # (with no hook acknowledging it; a hook that fails the job with `timeout` acknowledges it instead).
-    assert logged["held_messages_released"]["count"] == 1
+    # samseg's hook (pipeline._fail_hung_task) ended the run as failed with `timeout`, queued its callback and
+    # acknowledged the stuck message; the next io worker sends that one callback, and nothing is retried.
+    replacement = _io_worker(stack, pool, name="io-2")
+    (patch,) = app_server.wait_for(lambda r: r.method == "PATCH" and r.path.endswith("/stuck-1"), timeout=60)
+    assert patch.json()["status"] == "failed" and patch.json()["error"]["code"] == "timeout"
     client = stack.sqs()
     url = client.get_queue_url(QueueName=stack.env["SAMSEG_QUEUE_PREFIX"] + "io")["QueueUrl"]
 
-    def redelivered():
-        got = client.receive_message(QueueUrl=url, AttributeNames=["ApproximateReceiveCount"], WaitTimeSeconds=1)
-        return got.get("Messages")
+    def drained() -> bool:
+        attrs = client.get_queue_attributes(
+            QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        )["Attributes"]
+        return attrs == {"ApproximateNumberOfMessages": "0", "ApproximateNumberOfMessagesNotVisible": "0"}
 
-    (message,) = wait_until(redelivered, 20, "the stuck task's message back on the io queue")
-    assert message["Attributes"]["ApproximateReceiveCount"] == "2"
+    wait_until(drained, 30, "the io queue empty: the stuck download was acknowledged, not redelivered")
+    assert count_events(replacement, "stage_skipped") == 0
