@@ -21,6 +21,10 @@ broker_transport_options = {
     "queue_name_prefix": "",
 }
 broker_connection_retry_on_startup = True
+# Publishing the next link of a chain (or a retry) rides out a short SQS outage: ~1 min of retries before the
+# stage gives up and its message is left to SQS's redelivery (samseg.pipeline.StageTask).
+task_publish_retry = True
+task_publish_retry_policy = {"max_retries": 15, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0}
 broker_connection_max_retries = None  # keep retrying while SQS is unreachable
 
 # No result backend: chain results travel with the messages, and job status has its own store

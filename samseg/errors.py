@@ -17,3 +17,40 @@ class JobError(Exception):
     def __reduce__(self) -> tuple[type[JobError], tuple[str, str]]:
         # Celery pickles exceptions between the pool child and the errback; keep both fields.
         return (JobError, (self.code, self.message))
+
+
+# Failures of the infrastructure around a job rather than of the job: SQS, S3, DynamoDB or SQLite unreachable,
+# throttling, 5xx. A stage that meets one is retried later (the outage usually ends) instead of failing the job.
+_TRANSIENT_AWS_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "InternalServerError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "InternalError",
+    }
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an outage-like failure (connection refused or reset, timeout, throttling, 5xx)."""
+    import sqlite3
+
+    from botocore.exceptions import BotoCoreError, ClientError
+    from kombu.exceptions import OperationalError
+
+    if isinstance(exc, JobError):
+        return False
+    if isinstance(exc, OperationalError | BotoCoreError | ConnectionError | TimeoutError):
+        return True  # BotoCoreError: EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, …
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return status >= 500 or error.get("Code") in _TRANSIENT_AWS_CODES
+    if isinstance(exc, sqlite3.OperationalError):
+        return "locked" in str(exc) or "busy" in str(exc)
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and is_transient(cause)

@@ -33,7 +33,7 @@ from samseg.asset_urls import signed_mask_url
 from samseg.assets import work_key
 from samseg.celery_app import app
 from samseg.contracts import CallbackBody, CallbackStatus, ErrorInfo, JobMessage, JobState, Stage
-from samseg.errors import JobError
+from samseg.errors import JobError, is_transient
 from samseg.fetch import download_image, load_rgb, probe_image
 from samseg.masks import PackedMasks, write_packed_masks
 from samseg.notify import send_callback, webhook_id_for
@@ -50,6 +50,7 @@ SOURCE_FILE = "source"
 MASKS_FILE = "masks.npy"
 SCORES_FILE = "scores.json"
 
+STAGE_RETRIES = 15
 _limits = get_settings()  # task options are fixed when the task is declared; everything else reads self.settings
 NOTIFY_TIME_LIMIT = int(
     _limits.callback_max_attempts * (_limits.callback_timeout_seconds + _limits.callback_backoff_max_seconds) + 60
@@ -57,9 +58,27 @@ NOTIFY_TIME_LIMIT = int(
 
 
 class StageTask(Task):  # type: ignore[misc]
-    """Base of samseg's tasks: Settings, and the stores built once per worker process (after any fork)."""
+    """Base of samseg's tasks: Settings, the stores built once per worker process (after any fork), and
+    retries through outages.
+
+    A stage that cannot reach SQS, S3 or the job store (samseg.errors.is_transient) is not a failed job: it is
+    published again with a growing delay (5 s doubling to 5 min, STAGE_RETRIES times ≈ 1 h) and its message
+    acknowledged. If even that publish fails (SQS itself is down), the acknowledgement fails too and SQS
+    redelivers the message after its visibility timeout. Either way the run resumes where it stopped.
+    """
 
     _stores: tuple[int, Stores] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            if not is_transient(exc) or self.request.called_directly:
+                raise
+            retries = int(self.request.retries or 0)
+            delay = min(300, 5 * 2**retries)
+            log.warning("stage_retry_after_outage", error=repr(exc)[:300], retries=retries, retry_in_seconds=delay)
+            raise self.retry(exc=exc, countdown=delay, max_retries=STAGE_RETRIES) from exc
 
     @property
     def settings(self) -> Settings:
@@ -262,6 +281,11 @@ def on_job_error(request: Any, exc: BaseException, traceback: Any) -> None:
     if not uuid or not run_id:
         log.error("job_error_without_run", task=getattr(request, "task", None), error=repr(exc))
         return
+    if is_transient(exc) and int(getattr(request, "retries", 0) or 0) < STAGE_RETRIES:
+        # An outage, not a failed job: publishing the retry or the next link failed because SQS is unreachable,
+        # so the acknowledgement fails too and SQS redelivers the stage after its visibility timeout.
+        log.warning("stage_left_for_redelivery", job_uuid=uuid, stage=getattr(request, "task", None), error=repr(exc))
+        return
     error = error_info(exc)
     log.error("job_failed", job_uuid=uuid, stage=getattr(request, "task", None), code=error.code, error=error.message)
     try:
@@ -346,9 +370,13 @@ def _storage_errors() -> Iterator[None]:
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise JobError("disk_full", f"no space left for the job's files: {exc}") from exc
+        if is_transient(exc):
+            raise  # an outage: the stage is retried (StageTask.__call__)
         raise JobError("storage_error", f"cannot read or write the job's files: {exc}") from exc
     except (ClientError, BotoCoreError) as exc:
-        raise JobError("storage_error", f"the object store refused or failed: {exc}") from exc
+        if is_transient(exc):
+            raise
+        raise JobError("storage_error", f"the object store refused the request: {exc}") from exc
 
 
 @app.task(name="samseg.purge", bind=True, base=StageTask)
