@@ -26,7 +26,7 @@ import structlog
 from billiard.exceptions import TimeLimitExceeded
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Task, chain
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from samseg import metrics
 from samseg.asset_urls import signed_mask_url
@@ -72,6 +72,8 @@ class StageTask(Task):  # type: ignore[misc]
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().__call__(*args, **kwargs)
+        except (Retry, Reject, Ignore):
+            raise  # Celery's own control flow (a retry already scheduled), whatever caused it
         except Exception as exc:
             if not is_transient(exc) or self.request.called_directly:
                 raise
@@ -228,20 +230,50 @@ def persist(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
 def notify(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
     """Send the run's one terminal callback; `job["error"]` set means the run failed (from on_job_error)."""
     uuid, run_id = job["uuid"], job["run_id"]
-    jobs = self.stores.jobs
+    if job.get("outcome") is None:
+        outcome = _send_callback_once(self, job)
+        if outcome is None:
+            return {"uuid": uuid, "status": "skipped"}
+        job = {**job, "outcome": outcome}
+    outcome = job["outcome"]
+    state = JobState(outcome["status"])
+    try:
+        written = self.stores.jobs.advance(
+            uuid,
+            run_id,
+            state,
+            error=ErrorInfo.model_validate(outcome["error"]) if outcome.get("error") else None,
+            callback=CallbackStatus.model_validate(outcome["callback"]),
+        )
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        # The callback went out; only its record is missing. Retry the write alone, never the send.
+        delay = min(300, 5 * 2 ** int(self.request.retries or 0))
+        log.warning("callback_outcome_write_retry", error=repr(exc)[:300], retry_in_seconds=delay)
+        raise self.retry(args=[job], exc=exc, countdown=delay, max_retries=STAGE_RETRIES) from exc
+    if not written:
+        log.warning("job_status_write_refused", run_id=run_id, status=state.value)
+    log.info("job_finished", status=state.value, callback_delivered=outcome["callback"]["delivered"])
+    return {"uuid": uuid, "status": state.value, "callback_delivered": outcome["callback"]["delivered"]}
+
+
+def _send_callback_once(task: StageTask, job: dict[str, Any]) -> dict[str, Any] | None:
+    """The callback of this run, unless the run is stale or its callback already went out; its outcome."""
+    uuid, run_id = job["uuid"], job["run_id"]
     error = ErrorInfo.model_validate(job["error"]) if job.get("error") else None
-    record = jobs.get(uuid)
+    record = task.stores.jobs.get(uuid)
     if record is None or record.run_id != run_id:
         log.info("callback_skipped_stale_run", run_id=run_id, current_run=record.run_id if record else None)
-        return {"uuid": uuid, "status": "stale"}
+        return None
     if record.callback and record.callback.delivered:
         # A redelivered notify of a run whose callback already went out: don't send it twice.
         log.info("callback_already_delivered", run_id=run_id)
-        return {"uuid": uuid, "status": record.status.value, "callback_delivered": True}
+        return None
     if error is None:
-        if not self.enter(job, Stage.NOTIFY):
-            return {"uuid": uuid, "status": "skipped"}
-        data = self.stores.assets.read_result(uuid)
+        if not task.enter(job, Stage.NOTIFY):
+            return None
+        data = task.stores.assets.read_result(uuid)
         if data is None:
             error = ErrorInfo(code="result_missing", message="the job's result.json is gone (purged?)")
     body = (
@@ -250,21 +282,17 @@ def notify(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
         else CallbackBody.model_validate(data)
     )
     # One webhook-id per run: the app server's dedupe key for retries of this callback.
-    delivery = send_callback(body, self.settings, webhook_id=webhook_id_for(uuid, run_id))
+    delivery = send_callback(body, task.settings, webhook_id=webhook_id_for(uuid, run_id))
     if delivery.attempts:
         metrics.CALLBACKS.labels("delivered" if delivery.delivered else "failed").inc()
     callback = CallbackStatus(
         delivered=delivery.delivered, attempts=delivery.attempts, http_status=delivery.http_status, error=delivery.error
     )
-    final_error = error
-    if not delivery.delivered and delivery.attempts > 0 and final_error is None:
-        final_error = ErrorInfo(code="callback_failed", message=f"the callback was not accepted: {delivery.error}")
-    state = JobState.FAILED if final_error else JobState.COMPLETED
+    if not delivery.delivered and delivery.attempts > 0 and error is None:
+        error = ErrorInfo(code="callback_failed", message=f"the callback was not accepted: {delivery.error}")
+    state = JobState.FAILED if error else JobState.COMPLETED
     metrics.JOBS.labels(state.value).inc()
-    if not jobs.advance(uuid, run_id, state, error=final_error, callback=callback):
-        log.warning("job_status_write_refused", run_id=run_id, status=state.value)
-    log.info("job_finished", status=state.value, callback_delivered=delivery.delivered)
-    return {"uuid": uuid, "status": state.value, "callback_delivered": delivery.delivered}
+    return {"status": state.value, "error": error.model_dump() if error else None, "callback": callback.model_dump()}
 
 
 @app.task(name="samseg.on_job_error", base=StageTask)
