@@ -106,7 +106,7 @@ def worker_health(path: Path, interval: float, now: float | None = None) -> Work
     age = now - float(data.get("time", 0))
     if age > 3 * interval + 5:
         return WorkerHealth(False, False, f"heartbeat is {age:.0f}s old (interval {interval:.0f}s)")
-    if not _pid_alive(int(data.get("pid", 0))):
+    if not pid_alive(int(data.get("pid", 0))):
         return WorkerHealth(False, False, f"worker pid {data.get('pid')} is gone")
     if data.get("problems"):
         return WorkerHealth(False, False, "unhealthy: " + "; ".join(str(p) for p in data["problems"]))
@@ -115,7 +115,7 @@ def worker_health(path: Path, interval: float, now: float | None = None) -> Work
     return WorkerHealth(True, True, f"alive and ready ({data.get('hostname')})")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:

@@ -35,6 +35,7 @@ from typing import Any
 
 import structlog
 
+from samseg.health import pid_alive
 from samseg.settings import get_settings
 
 log = structlog.get_logger(__name__)
@@ -56,16 +57,6 @@ def base_dir() -> Path:
     return configured if configured is not None else Path(tempfile.gettempdir()) / "samseg-metrics"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _claim_tree_dir() -> Path:
     """This tree's samples directory: inherited from the root, or made (empty) if this process is the root."""
     inherited = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -78,7 +69,7 @@ def _claim_tree_dir() -> Path:
     namespace_dir.mkdir(parents=True, exist_ok=True)
     for entry in namespace_dir.iterdir():
         # A dead root's directory (a restarted worker, a CLI process): same namespace, so its PID is meaningful.
-        if entry.name.isdigit() and (entry == mine or not _alive(int(entry.name))):
+        if entry.name.isdigit() and (entry == mine or not pid_alive(int(entry.name))):
             shutil.rmtree(entry, ignore_errors=True)
     mine.mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mine)
