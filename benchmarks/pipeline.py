@@ -55,6 +55,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CALLBACK_PREFIX = "/api/v1/re-imagine/auto-mask/"
+# torchao's SAM-2 AMG server on an H100 (issue 11): the per-image model time the idle gap is set against.
+GPU_MODEL_SECONDS = 0.12
 TASK_LINE = re.compile(
     r"^Task samseg\.(?P<stage>\w+)\[(?P<id>[^\]]+)\] (?P<what>received|succeeded in (?P<rt>[0-9.e-]+)s)"
 )
@@ -443,10 +445,15 @@ def backlog(result: Result) -> dict[str, float | None]:
     wall = max(j.end["segment"] for j in jobs) - min(j.start["segment"] for j in jobs) if jobs else 0.0
     model = sum(j.model_seconds for j in jobs)
     span = max(j.patched for j in result.burst) - result.burst_sent
+    idle = med(model_gaps)
     return {
         "segment task end → next task start": med(task_gaps),
-        "model idle between jobs": med(model_gaps),
+        "model idle between jobs": idle,
         "model share of segment wall time": model / wall if wall else None,
+        # What the same idle time leaves of a GPU that needs GPU_MODEL_SECONDS per image (extrapolated).
+        f"GPU-equivalent share at {GPU_MODEL_SECONDS * 1000:.0f} ms/image": (
+            GPU_MODEL_SECONDS / (GPU_MODEL_SECONDS + max(0.0, idle)) if idle is not None else None
+        ),
         "burst: first send → last PATCH": span,
         "jobs/hour (burst)": len(result.burst) / span * 3600 if span else None,
     }
@@ -493,6 +500,8 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
         "Segment task end → next task start is negative where the next task had already started and waited at",
         "the model lock (samseg's GPU pool). Model idle between jobs: Δ(image_segmented) minus the later job's",
         "model time — the model's idle time between two inferences. Model share: Σ model time / segment wall.",
+        "GPU-equivalent share: model time / (model time + that idle time) for a 120 ms inference (extrapolated:",
+        "the idle time is the CPU machine's; on a GPU host the CPU work around the model is the same or less).",
     ]
     return "\n".join(lines)
 

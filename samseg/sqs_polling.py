@@ -80,14 +80,20 @@ def _resume(channel: Any, queue: str) -> None:
     channel._schedule_queue(queue)
 
 
+def _resume_all(channel: Any) -> None:
+    for queue in list(_state(channel).parked):
+        _resume(channel, queue)
+
+
 def _wake(channel: Any) -> None:
-    """A prefetch slot freed (any thread): resume the channel's parked queues on the hub."""
+    """A prefetch slot freed (any thread): resume the channel's parked queues on the hub thread.
+
+    Only the set's truth value is read here; it is iterated on the hub thread, which alone changes it.
+    """
     state = channel.__dict__.get("_samseg_poll")
     hub = getattr(channel, "hub", None)
-    if state is None or hub is None or not state.parked:
-        return
-    for queue in list(state.parked):
-        hub.call_soon(_resume, channel, queue)
+    if state is not None and hub is not None and state.parked:
+        hub.call_soon(_resume_all, channel)
 
 
 def apply(enabled: bool = True) -> bool:

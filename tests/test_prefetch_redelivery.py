@@ -147,3 +147,48 @@ def test_killed_segment_worker_loses_no_prefetched_message_and_none_waits_past_t
         assert count_events(worker_a, "image_segmented", uuid) + count_events(worker_b, "image_segmented", uuid) == 1
     for uuid in held:
         assert task_received(worker_b, uuid, "segment") == 1
+
+
+def test_a_backlog_drains_without_holding_more_than_the_prefetch_limit(
+    make_stack: Any, http_server: Any, app_server: Any
+) -> None:
+    """Prompt polling parks a full queue and resumes it on every acknowledgement; a wake-up and the safety
+    re-check must never start a second poll loop for the queue. Fault: none — a backlog of four jobs on
+    `samseg up`'s segment worker (-c 1, --prefetch-multiplier 2). Outcome: at no moment does the worker hold
+    more than 2 segment messages (its log and SQS's in-flight count agree), and all four complete, once each."""
+    stack = make_stack(SAMSEG_APP_SERVER_URL=app_server.url, **LAZY)
+    prefix = stack.env["SAMSEG_QUEUE_PREFIX"]
+    http_server.routes["/img.png"] = Route(body=scene_png(), headers={"Content-Type": "image/png"})
+    io_argv = [*CELERY, "worker", "-Q", f"{stack.jobs_queue},{prefix}io", "-c", "4", "--pool", "threads"]
+    _start(stack, "io", [*io_argv, "--hostname", "io@%h"], {})
+    argv, env = _segment_command("up", f"{prefix}gpu")
+    worker = _start(stack, "segment", argv, env)
+
+    uuids = [f"drain-{i}" for i in range(4)]
+    for uuid in uuids:
+        stack.send_raw(json.dumps({"uuid": uuid, "image_url": f"{http_server.url}/img.png"}))
+    most_held, most_in_flight = 0, 0
+    deadline = time.monotonic() + 240
+    while not all(callbacks(app_server, u) for u in uuids):
+        assert time.monotonic() < deadline, "backlog not drained"
+        most_held = max(most_held, len(_held(worker)))
+        most_in_flight = max(most_in_flight, _gpu_counts(stack)[1])
+        time.sleep(0.1)
+    assert most_held == 2 and most_in_flight <= 2, (most_held, most_in_flight)
+    for uuid in uuids:
+        assert [r.json()["status"] for r in callbacks(app_server, uuid)] == ["completed"]
+        assert task_received(worker, uuid, "segment") == 1
+
+
+def test_prompt_polling_is_version_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The patch is for kombu 5.7.0's Channel only: any other version (or the switch off) leaves kombu alone."""
+    import kombu
+    from kombu.transport.SQS import Channel
+
+    from samseg import sqs_polling
+
+    assert sqs_polling.apply(False) is False
+    monkeypatch.setattr(kombu, "__version__", "5.8.0")
+    before = Channel._schedule_queue
+    assert sqs_polling.apply(True) is False
+    assert Channel._schedule_queue is before
