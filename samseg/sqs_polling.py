@@ -120,6 +120,10 @@ def apply(enabled: bool = True) -> bool:
         if queue not in state.parked:
             state.parked.add(queue)
             state.timers[queue] = self.hub.call_later(_retry_delay(self), _resume, self, queue)
+            if self.qos.can_consume():
+                # A slot freed on another thread between the check above and the park, so its wake-up saw
+                # nothing parked: resume now rather than at the safety re-check.
+                _resume(self, queue)
 
     def loop1(self: Any, queue: str, messages_fetched: Any = None) -> None:
         if messages_fetched:

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import signal
+import subprocess
 import time
 from typing import Any
 
@@ -192,3 +193,23 @@ def test_prompt_polling_is_version_guarded(monkeypatch: pytest.MonkeyPatch) -> N
     before = Channel._schedule_queue
     assert sqs_polling.apply(True) is False
     assert Channel._schedule_queue is before
+
+
+def test_gpu_worker_pool_warms_the_model_and_reports_ready(make_stack: Any) -> None:
+    """Compose's GPU worker runs samseg's thread pool, which must send `worker_process_init` like solo does:
+    that is where the model is loaded and warmed. Outcome: the worker logs `model_ready` and
+    `samseg healthcheck worker` (compose's health check) passes — with Celery's plain threads pool neither
+    would happen."""
+    stack = make_stack(
+        SAMSEG_PRELOAD_MODEL="true", SAMSEG_AMG_POINTS_PER_SIDE="2", SAMSEG_WORKER_HEARTBEAT_INTERVAL_SECONDS="1"
+    )
+    argv, env = _segment_command("compose", stack.env["SAMSEG_QUEUE_PREFIX"] + "gpu")
+    worker = _start(stack, "gpu", argv, env)
+    worker.wait_for_output('"model_ready"', 180)
+
+    def healthy() -> bool:
+        check = [str(VENV_BIN / "samseg"), "healthcheck", "worker"]
+        return subprocess.run(check, env=stack.env, cwd=REPO, capture_output=True, timeout=30).returncode == 0
+
+    wait_until(healthy, 30, "a healthy, warm GPU worker", interval=0.5)
+    assert count_events(worker, "model_ready") == 1
