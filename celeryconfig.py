@@ -15,6 +15,9 @@ broker_transport_options = {
     # Applied by kombu only to queues it creates; `samseg queues ensure` sets it on existing ones.
     "visibility_timeout": _s.visibility_timeout_seconds,
     "wait_time_seconds": 10,  # long polling: one ReceiveMessage per 10 s per idle queue, no busy loop
+    # With SAMSEG_SQS_PROMPT_POLLING (samseg/sqs_polling.py) a queue is polled again at once after an empty
+    # long poll and as soon as a prefetch slot frees; this interval is then only the wait after a failed poll
+    # and the safety re-check of a queue whose slots are full. Without it, kombu waits this long in both cases.
     "polling_interval": 1,
     # samseg prefixes its own queue names itself (see task_queues): kombu's queue_name_prefix would also
     # rename the app server's jobs queue, whose name must stay exactly SAMSEG_JOBS_QUEUE.
@@ -41,6 +44,8 @@ accept_content = ["json"]
 task_acks_late = True
 task_reject_on_worker_lost = True
 task_acks_on_failure_or_timeout = True
+# One message per pool slot by default; a worker command may prefetch more (`samseg up`'s prefork segment
+# worker takes --prefetch-multiplier 2 so the next segment message is already local when one ends).
 worker_prefetch_multiplier = 1
 worker_hijack_root_logger = False
 worker_send_task_events = False

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -292,6 +293,48 @@ class Supervisor:
                 proc.wait()
 
 
+@dataclass(frozen=True)
+class WorkerCommand:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def up_worker_commands(jobs_queue: str, io_queue: str, gpu_queue: str, celery: list[str]) -> dict[str, WorkerCommand]:
+    """The two workers `samseg up` starts (benchmarks/pipeline.py runs exactly these)."""
+    return {
+        "worker-io": WorkerCommand(
+            [
+                *celery,
+                "worker",
+                "-Q",
+                f"{jobs_queue},{io_queue}",
+                "--concurrency",
+                "4",
+                "--pool",
+                "threads",
+                "--hostname",
+                "io@%h",
+            ]
+        ),
+        "worker-segment": WorkerCommand(
+            # One pool process with the model; a second message waits in the main process (the visibility
+            # keeper extends it too), so the next task starts the moment one ends, without an SQS round trip.
+            [
+                *celery,
+                "worker",
+                "-Q",
+                gpu_queue,
+                "--concurrency",
+                "1",
+                "--prefetch-multiplier",
+                "2",
+                "--hostname",
+                "segment@%h",
+            ]
+        ),
+    }
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     env = dict(os.environ)
     overrides: dict[str, str] = {}
@@ -360,31 +403,18 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         if settings.metrics_port:
             metrics_ports = {"worker-io": settings.metrics_port, "worker-segment": settings.metrics_port + 1}
         metrics_env = {"SAMSEG_METRICS_HOST": "127.0.0.1"} if "SAMSEG_METRICS_HOST" not in os.environ else {}
-        supervisor.start(
-            "worker-io",
-            [
-                *celery,
-                "worker",
-                "-Q",
-                f"{settings.jobs_queue},{settings.io_queue}",
-                "--concurrency",
-                "4",
-                "--pool",
-                "threads",
-                "--hostname",
-                "io@%h",
-            ],
-            SAMSEG_WORKER_HEARTBEAT_FILE=str(settings.state_dir / "worker-io.heartbeat"),
-            SAMSEG_METRICS_PORT=str(metrics_ports["worker-io"]),
-            **metrics_env,
-        )
-        supervisor.start(
-            "worker-gpu" if device.startswith("cuda") else "worker-segment",
-            [*celery, "worker", "-Q", settings.gpu_queue, "--concurrency", "1", "--hostname", "segment@%h"],
-            SAMSEG_WORKER_HEARTBEAT_FILE=str(settings.state_dir / "worker-segment.heartbeat"),
-            SAMSEG_METRICS_PORT=str(metrics_ports["worker-segment"]),
-            **metrics_env,
-        )
+        heartbeats = {"worker-io": "worker-io.heartbeat", "worker-segment": "worker-segment.heartbeat"}
+        commands = up_worker_commands(settings.jobs_queue, settings.io_queue, settings.gpu_queue, celery)
+        for name, command in commands.items():
+            shown = "worker-gpu" if name == "worker-segment" and device.startswith("cuda") else name
+            supervisor.start(
+                shown,
+                command.argv,
+                SAMSEG_WORKER_HEARTBEAT_FILE=str(settings.state_dir / heartbeats[name]),
+                SAMSEG_METRICS_PORT=str(metrics_ports[name]),
+                **metrics_env,
+                **command.env,
+            )
         supervisor.start("beat", [*celery, "beat"])
         supervisor.start(
             "api",

@@ -97,11 +97,14 @@ class Segmenter:
         return SAM2AutomaticMaskGenerator(self.model, output_mode="binary_mask", **params)  # type: ignore[no-any-return]
 
     def segment(self, image: npt.NDArray[np.uint8], points_per_batch: int | None = None) -> Segmentation:
-        started = time.perf_counter()
         with self._lock, self.torch.inference_mode():
+            # Timed inside the lock: with a threaded GPU worker another task may hold the model first, and
+            # `seconds` is the model's time, not the wait for it.
+            started = time.perf_counter()
             generator = self.generator(points_per_batch or self.settings.amg_points_per_batch)
             records = generator.generate(image)
-        return to_segmentation(records, image.shape[:2], time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+        return to_segmentation(records, image.shape[:2], seconds)
 
     def segment_with_fallback(self, image: npt.NDArray[np.uint8]) -> Segmentation:
         """On out-of-memory, free what the failed attempt held and retry once with a quarter of the batch."""

@@ -44,11 +44,17 @@ class Settings(BaseSettings):
     )
     jobs_queue: str = "samseg-jobs"
     queue_prefix: str = "samseg-"
-    visibility_timeout_seconds: int = Field(3600, ge=30, le=43200)
+    # The base visibility timeout of samseg's queues. Workers extend it every third of itself for each
+    # message they hold (running or prefetched), so a task may run longer; it bounds how long the messages
+    # of a killed worker stay hidden before SQS redelivers them.
+    visibility_timeout_seconds: int = Field(120, ge=30, le=43200)
     jobs_max_receive_count: int = Field(5, ge=1, le=1000)
     # Receives of one Celery task message (io, gpu) before SQS moves it to `<queue>-dlq`: a task whose worker
     # dies every time (the OOM killer on one huge image) stops there instead of being redelivered forever.
     task_max_receive_count: int = Field(5, ge=1, le=1000)
+    # Ask SQS for the next message as soon as a prefetch slot frees (samseg/sqs_polling.py), instead of
+    # kombu's re-check every polling interval. Off only to compare with kombu's own timing.
+    sqs_prompt_polling: bool = True
     # Celery monitoring events through SNS, so that Flower shows workers and tasks (docs/flower-on-sqs.md).
     # One SNS publish per event (a heartbeat every 2 s per worker): off unless Flower is used.
     events: bool = False

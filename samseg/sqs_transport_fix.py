@@ -10,6 +10,9 @@
    before samseg's ingress sees them — again "Unrecoverable error". Messages of the queues named in
    `raw_queues` are handed over untouched (the body as text, no content type), exactly the shape kombu
    gives any body that is not JSON; samseg's ingress validates and dead-letters them itself.
+
+`apply` also installs samseg.sqs_polling (prompt polling: the next message is asked for as soon as a
+prefetch slot frees) unless SAMSEG_SQS_PROMPT_POLLING is off.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ log = structlog.get_logger(__name__)
 FIXED_VERSIONS = {"5.7.0"}
 
 
-def apply(raw_queues: frozenset[str] = frozenset()) -> bool:
+def apply(raw_queues: frozenset[str] = frozenset(), prompt_polling: bool | None = None) -> bool:
+    """Install both fixes (and prompt polling: None reads SAMSEG_SQS_PROMPT_POLLING); False if not kombu 5.7.0."""
     if kombu.__version__ not in FIXED_VERSIONS:
         # Another kombu: the bug may be gone or the method changed shape; check before extending the set.
         log.warning("sqs_transport_fix_skipped", kombu=kombu.__version__, tested=sorted(FIXED_VERSIONS))
@@ -35,6 +39,10 @@ def apply(raw_queues: frozenset[str] = frozenset()) -> bool:
     original = Channel._on_messages_ready
     if getattr(original, "_samseg_fixed", False):
         return True
+    if prompt_polling is None:
+        from samseg.settings import get_settings
+
+        prompt_polling = get_settings().sqs_prompt_polling
 
     @functools.wraps(original)
     def on_messages_ready(self: Any, queue: Any, qname: str, messages: Any) -> int:
@@ -61,4 +69,8 @@ def apply(raw_queues: frozenset[str] = frozenset()) -> bool:
     on_messages_ready._samseg_fixed = True  # type: ignore[attr-defined]
     Channel._on_messages_ready = on_messages_ready
     Channel._message_to_python = message_to_python
+    # After the fixes above: its own _on_messages_ready wrapper must see the failed polls first.
+    from samseg import sqs_polling
+
+    sqs_polling.apply(prompt_polling)
     return True

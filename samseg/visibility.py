@@ -2,9 +2,14 @@
 
 SQS hides a received message for the queue's visibility timeout; a task still running when it expires is
 delivered again and runs twice. A thread in the worker's main process (it alone holds the receipt handles;
-pool children never see them) extends the timeout of every message the worker holds, every third of the
-timeout. If the worker dies, the extensions stop and SQS redelivers after at most one timeout — which is
-what recovers a job from a killed worker.
+pool children never see them) extends the timeout of every message the worker holds — running, or
+prefetched and waiting for a pool slot: Celery puts both in `state.reserved_requests` the moment they are
+received — every third of the timeout. If the worker dies, the extensions stop and SQS redelivers after at
+most one timeout — which is what recovers a job from a killed worker.
+
+Hence the design: a short base timeout (SAMSEG_VISIBILITY_TIMEOUT_SECONDS, 120 s by default) that the
+keeper renews, rather than one longer than the slowest task. A task may run for hours; a killed worker's
+messages, prefetched ones included, come back within two minutes instead of an hour.
 """
 
 from __future__ import annotations
@@ -69,16 +74,27 @@ def _snapshot(requests: Any) -> list[Any]:
     return []
 
 
+# Below this, a task that outlives the timeout survives only while every keeper round (every third of the
+# timeout) is on time: one ChangeMessageVisibility call may take boto's 30 s read timeout.
+MIN_KEPT_TIMEOUT_SECONDS = 60
+
+
 def check_visibility(settings: Settings) -> list[str]:
-    """Problems with the queues' visibility timeouts, for a loud warning at worker start."""
+    """Problems with the queues' visibility timeouts, for a loud warning at worker start.
+
+    Too short means under MIN_KEPT_TIMEOUT_SECONDS and not longer than the segment time limit: long tasks
+    then depend on every keeper round being on time. (A queue whose timeout is longer than configured, e.g.
+    created by an older samseg with 3600 s, is brought in line by `JobQueues.ensure` at worker start.)
+    """
     from samseg.sqs import JobQueues
 
     problems: list[str] = []
     limit = settings.segment_time_limit_seconds
-    if settings.visibility_timeout_seconds <= limit:
+    configured = settings.visibility_timeout_seconds
+    if configured < MIN_KEPT_TIMEOUT_SECONDS and configured <= limit:
         problems.append(
-            f"SAMSEG_VISIBILITY_TIMEOUT_SECONDS={settings.visibility_timeout_seconds} is not longer than "
-            f"SAMSEG_SEGMENT_TIME_LIMIT_SECONDS={limit}"
+            f"SAMSEG_VISIBILITY_TIMEOUT_SECONDS={configured} is under {MIN_KEPT_TIMEOUT_SECONDS} s and not longer "
+            f"than SAMSEG_SEGMENT_TIME_LIMIT_SECONDS={limit}"
         )
     queues = JobQueues(settings)
     for name in (settings.jobs_queue, settings.io_queue, settings.gpu_queue):
@@ -86,6 +102,6 @@ def check_visibility(settings: Settings) -> list[str]:
             actual = queues.visibility_timeout(name)
         except Exception:
             continue  # not created yet: kombu/ensure will create it with the configured timeout
-        if actual <= limit:
+        if actual < MIN_KEPT_TIMEOUT_SECONDS and actual <= limit:
             problems.append(f"queue {name} has VisibilityTimeout={actual}s, not longer than the {limit}s task limit")
     return problems

@@ -271,10 +271,14 @@ def run_hard_timeout_hooks(task: RunningTask) -> None:
 
 
 def watches_pool(pool_cls: Any) -> bool:
-    """True for the pools Celery enforces no time limit in (solo, threads); prefork enforces its own."""
-    module = getattr(pool_cls, "__module__", str(pool_cls))
-    name = str(pool_cls)
-    return module in {"celery.concurrency.solo", "celery.concurrency.thread"} or name in {"solo", "threads"}
+    """True for the pools Celery enforces no time limit in (solo, threads, and pools built on them such as
+    samseg.pool.ModelThreadPool, the GPU worker's); prefork enforces its own."""
+    from celery.concurrency.solo import TaskPool as SoloPool
+    from celery.concurrency.thread import TaskPool as ThreadPool
+
+    if isinstance(pool_cls, type):
+        return issubclass(pool_cls, SoloPool | ThreadPool)
+    return str(pool_cls) in {"solo", "threads"}
 
 
 def release_held_messages(client: Any, requests: list[Any]) -> int:

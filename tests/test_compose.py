@@ -433,7 +433,11 @@ def test_queue_names_match_settings(compose_name: str, monkeypatch: pytest.Monke
         consumed |= queues
         if s.gpu_queue in queues:
             assert queues == {s.gpu_queue}, f"{name}: GPU workers take only {s.gpu_queue}"
-            assert "--pool" in cmd and cmd[cmd.index("--pool") + 1] == "solo", f"{name}: GPU worker needs --pool solo"
+            # One process for the model (no fork after torch): solo, or samseg's model thread pool.
+            pool = cmd[cmd.index("--pool") + 1] if "--pool" in cmd else "prefork"
+            assert pool in {"solo", "custom"}, f"{name}: GPU worker needs --pool solo or samseg's pool"
+            if pool == "custom":
+                assert env_of(svc).get("CELERY_CUSTOM_WORKER_POOL") == "samseg.pool:ModelThreadPool", name
     assert consumed == known, f"{compose_name}: nobody consumes {known - consumed}"
 
 

@@ -340,6 +340,22 @@ def test_bad_jobs_queue_name(monkeypatch, name):
     assert "SQS queue names are 1-76 characters" in text
 
 
+def test_delivery_defaults_short_visibility_and_prompt_polling():
+    """Issue 11: a killed worker's messages (prefetched ones too) come back within minutes, not an hour —
+    the keeper extends the base timeout while a worker holds a message — and kombu's SQS polling is fixed."""
+    s = Settings()
+    assert s.visibility_timeout_seconds == 120
+    assert s.sqs_prompt_polling is True
+
+
+def test_prompt_polling_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("SAMSEG_SQS_PROMPT_POLLING", "false")
+    assert Settings().sqs_prompt_polling is False
+    monkeypatch.setenv("SAMSEG_SQS_PROMPT_POLLING", "sometimes")
+    with pytest.raises(ValidationError, match="sqs_prompt_polling"):
+        Settings()
+
+
 def test_longest_jobs_queue_name_leaves_room_for_the_dlq_suffix(monkeypatch):
     monkeypatch.setenv("SAMSEG_JOBS_QUEUE", "q" * 76)
     assert len(Settings().dead_letter_queue) == 80  # SQS's own limit

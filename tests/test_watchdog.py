@@ -252,3 +252,15 @@ def test_a_download_stuck_in_a_c_call_ends_the_worker_with_its_own_status(make_s
 
     wait_until(drained, 30, "the io queue empty: the stuck download was acknowledged, not redelivered")
     assert count_events(replacement, "stage_skipped") == 0
+
+
+def test_the_watchdog_covers_every_pool_celery_enforces_no_limit_in():
+    from celery.concurrency.prefork import TaskPool as Prefork
+    from celery.concurrency.solo import TaskPool as Solo
+    from celery.concurrency.thread import TaskPool as Threads
+
+    from samseg.pool import ModelThreadPool
+    from samseg.watchdog import watches_pool
+
+    assert watches_pool(Solo) and watches_pool(Threads) and watches_pool(ModelThreadPool)  # the GPU worker's
+    assert not watches_pool(Prefork)
