@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     # Job records outlive their assets so GET /jobs answers "completed, assets expired" instead of 404; at least
     # SQS's longest retention, after which no message can revive a job.
     job_record_ttl_seconds: int = Field(14 * 24 * 3600, ge=3600)
+    # A run whose record made no progress for this long is taken for dead: a new message for its uuid replaces it,
+    # and the purge may remove its work files. Longer than any stage and any wait in a GPU backlog.
+    stale_run_seconds: int = Field(4 * 3600, ge=600)
     asset_ttl_seconds: int = Field(3600, ge=1)
     cleanup_interval_seconds: float = Field(3600, gt=0)
     # Signed mask URLs (?expires=&signature=, HMAC-SHA256 bound to the path); unset = plain URLs.
@@ -334,10 +337,6 @@ class Settings(BaseSettings):
         """Host-local temporary files (an image being downloaded, masks on their way to the blob store)."""
         return self.state_dir / "scratch"
 
-    @property
-    def stale_run_seconds(self) -> float:
-        """A run whose record made no progress for this long is dead (no stage can take longer), and replaceable."""
-        return float(self.visibility_timeout_seconds + self.segment_time_limit_seconds)
 
     @property
     def dead_letter_queue(self) -> str:

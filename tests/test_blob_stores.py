@@ -238,7 +238,7 @@ def test_purge_removes_expired_jobs_only_and_keeps_their_records(stores, tmp_pat
 
 
 def test_purge_sweeps_work_of_dead_runs_and_keeps_live_and_recent_ones(stores):
-    settings = Settings(visibility_timeout_seconds=60, segment_time_limit_seconds=60)  # stale after 120 s
+    settings = Settings(stale_run_seconds=600)
     now = time.time()
     live = stores.jobs.claim("live", "m1", now=now)
     stores.jobs.advance("live", live.run_id, JobState.RUNNING, Stage.SEGMENT, now=now)
