@@ -38,9 +38,11 @@ CHAOS_DEADLINE = 900
 CALLBACK = "/api/v1/re-imagine/auto-mask/"
 
 
-def compose_worker_args(service: str, env: dict[str, str]) -> list[str]:
-    """The `celery worker` options compose.yaml gives `service`, with its ${VAR:-default} filled from `env`."""
+def compose_worker(service: str, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The `celery worker` options compose.yaml gives `service` (its ${VAR:-default} filled from `env`), and
+    the Celery variables of its environment (e.g. the GPU worker's custom pool)."""
     services = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    celery_env = {k: str(v) for k, v in (services[service].get("environment") or {}).items() if k.startswith("CELERY_")}
     command = services[service]["command"]
     text = command if isinstance(command, str) else shlex.join(command)
     text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m.group(1), m.group(2)), text)
@@ -50,7 +52,7 @@ def compose_worker_args(service: str, env: dict[str, str]) -> list[str]:
     if "-n" in options:  # the test names its workers itself
         at = options.index("-n")
         del options[at : at + 2]
-    return options
+    return options, celery_env
 
 
 class FlakyAppServer:
@@ -100,10 +102,10 @@ def test_burst_of_30_jobs_survives_kills_an_sqs_outage_and_a_503_app_server(
             SAMSEG_CALLBACK_BACKOFF_MAX_SECONDS="5",
         )
         direct = {**stack.env, "AWS_ENDPOINT_URL_SQS": moto_url}  # the test's own view, never cut
-        io_args = compose_worker_args("worker-io", stack.env)
-        gpu_args = compose_worker_args("worker-gpu-0", stack.env)
-        stack.start_worker(*io_args, name="worker-io")
-        gpu = [stack.start_worker(*gpu_args, name="worker-gpu-0")]
+        io_args, io_env = compose_worker("worker-io", stack.env)
+        gpu_args, gpu_env = compose_worker("worker-gpu-0", stack.env)
+        stack.start_worker(*io_args, name="worker-io", env=io_env)
+        gpu = [stack.start_worker(*gpu_args, name="worker-gpu-0", env=gpu_env)]
         settings, stores = stack_stores(direct)
 
         client = boto3.client(  # the test's own SQS client: straight to moto, never through the proxy
@@ -136,7 +138,7 @@ def test_burst_of_30_jobs_survives_kills_an_sqs_outage_and_a_503_app_server(
             victim = gpu[-1]
             victim.kill(signal.SIGKILL)
             victim.popen.wait(10)
-            gpu.append(stack.start_worker(*gpu_args, name=f"worker-gpu-0-restart{n}"))
+            gpu.append(stack.start_worker(*gpu_args, name=f"worker-gpu-0-restart{n}", env=gpu_env))
 
         # 1. First SIGKILL, as soon as a job is being segmented.
         kill_and_restart(1)
