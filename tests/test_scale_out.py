@@ -200,3 +200,31 @@ def test_worker_sigkilled_during_segment_completes_once_with_s3_and_dynamodb(
     assert task_received(replacement, uuid, "download") == 0
     assert _objects(moto_url, shared_aws["SAMSEG_STORAGE_URL"], ".samseg/work/") == []
     assert httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()["status"] == "completed"
+
+
+@pytest.mark.parametrize("mode", ["proxy", "redirect"])
+def test_api_serves_s3_assets_by_streaming_or_by_presigned_redirect(make_stack, shared_aws, moto_url, tmp_path, mode):
+    from samseg.assets import Assets
+    from samseg.contracts import CallbackBody
+    from samseg.masks import PackedMasks, write_packed_masks
+    from tests.faults_support import stack_stores
+
+    stack = make_stack(SAMSEG_S3_ASSETS=mode, **shared_aws)
+    _, stores = stack_stores(stack.env)
+    rng = np.random.default_rng(1)
+    write_packed_masks(tmp_path / "m.npy", [rng.random((12, 20)) > 0.5 for _ in range(2)], 2, 12, 20)
+    body = CallbackBody(uuid="s3-served", status="completed", segments=[])
+    Assets(stores.blobs).publish("s3-served", PackedMasks(tmp_path / "m.npy", 20), body)
+    api = stack.start_api(env=_host(tmp_path, "api"))
+    url = f"{api}/assets/s3-served/mask_images/mask_001.png"
+    first = httpx.get(url, timeout=10)
+    if mode == "redirect":
+        assert first.status_code == 307 and first.headers["location"].startswith(moto_url)
+        assert "Signature" in first.headers["location"] or "X-Amz-Signature" in first.headers["location"]
+        followed = httpx.get(url, timeout=10, follow_redirects=True)
+        assert followed.status_code == 200 and followed.content.startswith(b"\x89PNG")
+    else:
+        assert first.status_code == 200 and first.content.startswith(b"\x89PNG")
+        assert first.headers["content-type"] == "image/png" and first.headers["etag"]
+    assert httpx.get(f"{api}/assets/s3-served/mask_images/mask_002.png", timeout=10).status_code == 404
+    assert httpx.get(f"{api}/assets/never-published/mask_images/mask_000.png", timeout=10).status_code == 404
