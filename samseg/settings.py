@@ -337,7 +337,6 @@ class Settings(BaseSettings):
         """Host-local temporary files (an image being downloaded, masks on their way to the blob store)."""
         return self.state_dir / "scratch"
 
-
     @property
     def dead_letter_queue(self) -> str:
         return f"{self.jobs_queue}-dlq"
