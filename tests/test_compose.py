@@ -386,8 +386,8 @@ def test_commands_are_real(compose_name: str, tmp_path: Path) -> None:
         elif program == "uvicorn":
             module, _, attr = cmd[1].partition(":")
             assert (module, attr) == ("samseg.api", "app"), cmd
-            source = (ROOT / "samseg" / "api.py").read_text(encoding="utf-8")
-            assert re.search(r"^app\s*[:=]", source, re.M), "samseg/api.py defines no `app`"
+            source = (ROOT / "samseg" / "api" / "__init__.py").read_text(encoding="utf-8")
+            assert re.search(r"^app\s*[:=]", source, re.M), "samseg/api/__init__.py defines no `app`"
         elif program in scripts:
             assert scripts[program] == "samseg.cli:main"
             samseg_calls.append(cmd[1:])
