@@ -371,7 +371,7 @@ def test_purge_running_throughout_a_job_never_touches_its_unfinished_work(make_s
     )
     settings, stores = stack_stores(stack.env)
     stores.jobs.ensure()
-    old = time.time() - 3600
+    old = time.time() - settings.stale_run_seconds - 3600  # past the TTL, and past the stale limit for work files
     expired = stores.jobs.claim("expired-job", "m-old", now=old)
     assert stores.jobs.advance("expired-job", expired.run_id, JobState.COMPLETED, now=old)
     stores.blobs.put("expired-job/result.json", b"{}")
