@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from tests.support import VENV_BIN, Route, free_port, scene_png
+from tests.support import AUTH, VENV_BIN, Route, free_port, scene_png
 
 
 def _healthcheck(env, *extra):
@@ -100,7 +100,10 @@ def test_metrics_move_after_a_job(make_stack, http_server, app_server):
     before = httpx.get(worker, timeout=30).text
     assert _sample(before, "samseg_jobs_total", outcome="completed") == 0
     deadline = time.monotonic() + 30
-    while f'samseg_queue_depth{{queue="{stack.jobs_queue}"}}' not in httpx.get(f"{api}/metrics", timeout=30).text:
+    while (
+        f'samseg_queue_depth{{queue="{stack.jobs_queue}"}}'
+        not in httpx.get(f"{api}/metrics", headers=AUTH, timeout=30).text
+    ):
         assert time.monotonic() < deadline, "no queue depth on the API's /metrics"
         time.sleep(0.5)
 
@@ -121,4 +124,4 @@ def test_metrics_move_after_a_job(make_stack, http_server, app_server):
     assert _sample(after, "samseg_masks_per_job_count") == 1
     assert _sample(after, "samseg_masks_per_job_sum") == masks
     assert _sample(after, "samseg_callbacks_total", result="delivered") == 1
-    assert _sample(httpx.get(f"{api}/metrics", timeout=30).text, "samseg_assets_free_bytes") > 0
+    assert _sample(httpx.get(f"{api}/metrics", headers=AUTH, timeout=30).text, "samseg_assets_free_bytes") > 0
