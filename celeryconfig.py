@@ -81,6 +81,8 @@ beat_schedule = {
     },
 }
 beat_schedule_filename = str(_s.state_dir / "celerybeat-schedule")  # beat's own host-local file
+# Beat opens that file before any samseg signal handler runs; a fresh host has no state dir yet.
+_s.state_dir.mkdir(parents=True, exist_ok=True)
 beat_max_loop_interval = min(300.0, _s.cleanup_interval_seconds)
 
 timezone = "UTC"
