@@ -88,9 +88,11 @@ class StageTask(Task):  # type: ignore[misc]
 
     @property
     def stores(self) -> Stores:
-        if self._stores is None or self._stores[0] != os.getpid():
-            self._stores = (os.getpid(), build_stores(self.settings))
-        return self._stores[1]
+        """One set per process, shared by every stage task (set on StageTask itself, not on each task class)."""
+        cached = StageTask._stores
+        if cached is None or cached[0] != os.getpid():
+            cached = StageTask._stores = (os.getpid(), build_stores(self.settings))
+        return cached[1]
 
     def enter(self, job: dict[str, Any], stage: Stage) -> bool:
         """Record that `stage` of the job's run starts; False (and the chain stops here) if the store refuses.
