@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import boto3
 import structlog
-from botocore.config import Config
 
+from samseg import aws
 from samseg.settings import Settings
 
 if TYPE_CHECKING:
@@ -25,19 +24,15 @@ def sqs_client(
     settings: Settings, *, connect_timeout: float = 5, read_timeout: float = 30, retries: int = 3
 ) -> SQSClient:
     # Bounded retries and timeouts: the API must answer (503) rather than hang while SQS is down.
-    config = Config(
-        region_name=settings.aws_region,
-        retries={"max_attempts": retries, "mode": "standard"},  # retries after the first attempt
+    sqs: SQSClient = aws.client(
+        settings,
+        "sqs",
+        settings.aws_endpoint_url_sqs,
+        retries={"max_attempts": retries, "mode": "standard"},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
     )
-    return boto3.client(
-        "sqs",
-        endpoint_url=settings.aws_endpoint_url_sqs,
-        aws_access_key_id=settings.aws_access_key_id,
-        aws_secret_access_key=settings.aws_secret_access_key,
-        config=config,
-    )
+    return sqs
 
 
 def probe_client(settings: Settings) -> SQSClient:

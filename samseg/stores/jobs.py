@@ -240,10 +240,6 @@ class JobStore:
             uuid, run_id, state, stage if state is JobState.RUNNING else None, at, error, callback
         )
 
-    def in_progress(self, uuid: str) -> bool:
-        record = self.backend.get(uuid)
-        return record is not None and not record.terminal
-
     def finished_before(self, before: float, limit: int) -> list[JobRecord]:
         return self.backend.finished_before(before, limit)
 
