@@ -5,7 +5,7 @@ one table: seconds per image (median over images x repeats), peak memory, number
 agreement with upstream and PNG persist time.
 
 Real SAM-2 weights and photos are not available here, so the model is randomly initialised
-(`samseg.models.write_random_checkpoint`) and the images are deterministic synthetic scenes.
+(`samseg.runtime.build.write_random_checkpoint`) and the images are deterministic synthetic scenes.
 Random weights predict IoU ~0.5 and near-zero, noisy logits (stability ~0), so SAM-2's default
 thresholds keep ~0 masks: that regime measures the decoder; the "filters off" regime
 (pred_iou_thresh=0, stability_score_thresh=0, box_nms_thresh=1.0) keeps every candidate and is the
@@ -144,10 +144,10 @@ def agreement(ref: list[dict[str, Any]], out: list[dict[str, Any]]) -> list[floa
 
 
 def persist_seconds(records: list[dict[str, Any]]) -> float:
-    """Time to write the masks as 1-bit PNGs (samseg.masks.write_mask_pngs when present)."""
+    """Time to write the masks as 1-bit PNGs (samseg.core.masks.write_mask_pngs when present)."""
     if not records:
         return 0.0
-    from samseg.masks import write_mask_pngs
+    from samseg.core.masks import write_mask_pngs
 
     masks = np.stack([r["segmentation"] for r in records])
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,7 +178,7 @@ def make_generator(mode: str, model: Any, pps: int, thresholds: dict[str, Any]) 
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
         return SAM2AutomaticMaskGenerator(model, points_per_side=pps, points_per_batch=64, **thresholds)
-    from samseg.amg import FastMaskGenerator
+    from samseg.runtime.amg import FastMaskGenerator
 
     flags: dict[str, Any] = {m: mode == m for m in ("int8", "compile", "half", "prune")}
     return FastMaskGenerator(model, points_per_side=pps, points_per_batch=64, **thresholds, **flags)
@@ -187,7 +187,7 @@ def make_generator(mode: str, model: Any, pps: int, thresholds: dict[str, Any]) 
 def run(args: argparse.Namespace) -> list[Row]:
     import torch
 
-    from samseg.models import build_model, write_random_checkpoint
+    from samseg.runtime.build import build_model, write_random_checkpoint
 
     torch.manual_seed(0)
     if args.threads:

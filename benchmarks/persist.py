@@ -54,7 +54,7 @@ def blob_masks(count: int, height: int, width: int, seed: int = 0) -> list[np.nd
 
 
 def packed_file(folder: Path, count: int, height: int, width: int) -> Path:
-    from samseg.masks import write_packed_masks
+    from samseg.core.masks import write_packed_masks
 
     path = folder / f"masks-{count}-{height}x{width}.npy"
     if not path.exists():
@@ -73,14 +73,14 @@ def packed_file(folder: Path, count: int, height: int, width: int) -> Path:
 
 
 def _body(uuid: str, count: int):  # type: ignore[no-untyped-def]
-    from samseg.contracts import CallbackBody
+    from samseg.core.contracts import CallbackBody
 
     return CallbackBody(uuid=uuid, status="completed", segments=[])
 
 
 def time_publish(blobs, masks_path: Path, width: int, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    from samseg.assets import Assets
-    from samseg.masks import PackedMasks
+    from samseg.core.masks import PackedMasks
+    from samseg.stores.layout import Assets
 
     masks = PackedMasks(masks_path, width)
     times = []
@@ -149,10 +149,10 @@ def upload_table(work: Path, repeats: int) -> list[str]:
 
 def rss_child(masks_path: str, width: int, mode: str) -> None:
     """One persist in this fresh process; prints its peak RSS (MiB) as JSON."""
-    from samseg.assets import Assets
-    from samseg.masks import PackedMasks, encode_png, mask_geometry
-    from samseg.results import describe_segments
+    from samseg.core.masks import PackedMasks, encode_png, mask_geometry
     from samseg.stores.blobs import LocalBlobs
+    from samseg.stores.layout import Assets
+    from samseg.stores.results import describe_segments
 
     out = Path(tempfile.mkdtemp(prefix="persist-rss-"))
     masks = PackedMasks(Path(masks_path), width)

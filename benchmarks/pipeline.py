@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="keep the logs of every process in this folder")
     args = parser.parse_args(argv)
 
-    from samseg.models import write_random_checkpoint
+    from samseg.runtime.build import write_random_checkpoint
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = set(names) - set(configs("x", "x-"))

@@ -18,7 +18,7 @@ __all__ = ["app"]
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from samseg.celery_app import app
+        from samseg.worker.app import app
 
         return app
     raise AttributeError(f"module 'samseg' has no attribute {name!r}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from samseg.settings import Settings, get_settings
+from samseg.core.settings import Settings, get_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     settings = get_settings()
-    from samseg.logs import configure_logging
+    from samseg.core.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
     result: int = args.func(args, settings)
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- submit / status / queues ------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
-    from samseg.contracts import JobMessage
-    from samseg.sqs import JobQueues
+    from samseg.core.contracts import JobMessage
+    from samseg.queue.sqs import JobQueues
 
     job = JobMessage(uuid=args.uuid, image_url=args.image_url)
     message_id = JobQueues(settings).send_job(job.model_dump())
@@ -106,8 +106,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queues_sweep_events(args: argparse.Namespace, settings: Settings) -> int:
-    from samseg.celery_app import app
-    from samseg.events import sweep_event_queues
+    from samseg.queue.events import sweep_event_queues
+    from samseg.worker.app import app
 
     for name in sweep_event_queues(app, settings, min_backlog=args.min_backlog):
         print(f"deleted {name}")
@@ -115,7 +115,7 @@ def cmd_queues_sweep_events(args: argparse.Namespace, settings: Settings) -> int
 
 
 def cmd_healthcheck_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from samseg.health import worker_health
+    from samseg.ops.health import worker_health
 
     health = worker_health(settings.worker_heartbeat_file, settings.worker_heartbeat_interval_seconds)
     print(health.reason)
@@ -123,7 +123,7 @@ def cmd_healthcheck_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queues_ensure(args: argparse.Namespace, settings: Settings) -> int:
-    from samseg.sqs import JobQueues
+    from samseg.queue.sqs import JobQueues
 
     for name, url in JobQueues(settings).ensure().items():
         print(f"{name}\t{url}")
@@ -154,7 +154,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 
 # --- weights -------------------------------------------------------------------------------------------------
 def cmd_weights_download(args: argparse.Namespace, settings: Settings) -> int:
-    from samseg.weights import WeightsError, download_checkpoint
+    from samseg.runtime.weights import WeightsError, download_checkpoint
 
     model = args.model or settings.sam2_model
     dest = args.dest or (settings.checkpoint_path if model == settings.sam2_model else Path("weights") / f"{model}.pt")
@@ -177,7 +177,7 @@ def cmd_weights_ensure(args: argparse.Namespace, settings: Settings) -> int:
 
 def ensure_weights(settings: Settings) -> Path | None:
     """The configured checkpoint, downloaded if it is Meta's and missing; None (after saying why) if not."""
-    from samseg.weights import WeightsError, ensure_configured
+    from samseg.runtime.weights import WeightsError, ensure_configured
 
     try:
         return ensure_configured(settings, progress=sys.stderr.isatty())
@@ -190,12 +190,12 @@ def ensure_weights(settings: Settings) -> Path | None:
 def cmd_segment(args: argparse.Namespace, settings: Settings) -> int:
     import tempfile
 
-    from samseg.contracts import CallbackBody, JobMessage
-    from samseg.errors import JobError
-    from samseg.fetch import download_image, load_rgb
-    from samseg.masks import PackedMasks, write_packed_masks
-    from samseg.results import describe_segments, write_job_folder
-    from samseg.segmenter import Segmenter
+    from samseg.core.contracts import CallbackBody, JobMessage
+    from samseg.core.errors import JobError
+    from samseg.core.masks import PackedMasks, write_packed_masks
+    from samseg.runtime.segmenter import Segmenter
+    from samseg.stores.results import describe_segments, write_job_folder
+    from samseg.transfer.image_fetch import download_image, load_rgb
 
     JobMessage(uuid=args.uuid, image_url="x")  # validates the id used in result.json
     out: Path = args.out
@@ -394,7 +394,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             if not _wait_port("127.0.0.1", endpoint.port, 30):
                 print("error: the local SQS endpoint (moto) did not start", file=sys.stderr)
                 return 1
-        from samseg.sqs import JobQueues
+        from samseg.queue.sqs import JobQueues
 
         JobQueues(settings).ensure()
         celery = [sys.executable, "-m", "celery", "-A", "samseg"]

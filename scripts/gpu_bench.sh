@@ -91,9 +91,9 @@ for m in $MODELS; do
   ckpt="$CACHE/$m-seed0.pt"
   if [[ ! -f "$ckpt" ]]; then
     log "writing random checkpoint $ckpt"
-    "$PY" -c "import sys; from pathlib import Path; from samseg.models import write_random_checkpoint as w; w(sys.argv[1], Path(sys.argv[2]), 0)" "$m" "$ckpt"
+    "$PY" -c "import sys; from pathlib import Path; from samseg.runtime.build import write_random_checkpoint as w; w(sys.argv[1], Path(sys.argv[2]), 0)" "$m" "$ckpt"
   fi
-  "$PY" -c "import sys; from pathlib import Path; from samseg.models import build_model as b; b(sys.argv[1], Path(sys.argv[2]), sys.argv[3]); print('loads on', sys.argv[3], ':', sys.argv[1])" "$m" "$ckpt" "$DEVICE"
+  "$PY" -c "import sys; from pathlib import Path; from samseg.runtime.build import build_model as b; b(sys.argv[1], Path(sys.argv[2]), sys.argv[3]); print('loads on', sys.argv[3], ':', sys.argv[1])" "$m" "$ckpt" "$DEVICE"
 done
 
 # 4. The benchmark: warm timing (warm-up calls, compile paid in its constructor), median of 3.

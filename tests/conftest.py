@@ -39,7 +39,7 @@ def moto_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from samseg.models import write_random_checkpoint
+    from samseg.runtime.build import write_random_checkpoint
 
     return write_random_checkpoint("sam2.1_hiera_tiny", tmp_path_factory.mktemp("weights") / "tiny.pt")
 

@@ -126,7 +126,7 @@ def stack_stores(env: dict[str, str]) -> tuple[Any, Any]:
     """The Settings and stores a stack's processes build from `env`, built here the same way (the factory)."""
     from unittest import mock
 
-    from samseg.settings import Settings
+    from samseg.core.settings import Settings
     from samseg.stores import build_stores
 
     with mock.patch.dict(os.environ, env, clear=True):

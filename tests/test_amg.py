@@ -1,4 +1,4 @@
-"""samseg.amg.FastMaskGenerator agrees with upstream SAM2AutomaticMaskGenerator (issue 5).
+"""samseg.runtime.amg.FastMaskGenerator agrees with upstream SAM2AutomaticMaskGenerator (issue 5).
 
 Meta's SAM-2 weights cannot be downloaded here, so a randomly initialised tiny checkpoint (built once
 per session with the real model code) stands in for them; both generators get the same weights, the
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samseg.amg import (
+from samseg.runtime.amg import (
     FastMaskGenerator,
     bilinear_axis,
     boundary_fraction,
@@ -37,7 +37,7 @@ REGIMES: dict[str, dict[str, float]] = {
 
 @pytest.fixture(scope="session")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from samseg.models import build_model, write_random_checkpoint
+    from samseg.runtime.build import build_model, write_random_checkpoint
 
     ckpt = write_random_checkpoint(MODEL, tmp_path_factory.mktemp("amg") / "tiny.pt", seed=0)
     return build_model(MODEL, ckpt, "cpu")

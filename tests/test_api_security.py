@@ -2,7 +2,7 @@
 bearer tokens on the protected routes, the open routes, and signed mask URLs on real published assets.
 
 Assets are published into the API's blob store (a local directory) with samseg's own Assets.publish, as the
-persist stage does; URLs are signed with samseg.asset_urls, as persist does. Nothing is mocked but AWS (moto).
+persist stage does; URLs are signed with samseg.stores.signed_urls, as persist does. Nothing is mocked but AWS (moto).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import httpx
 import numpy as np
 import pytest
 
-from samseg.asset_urls import sign
-from samseg.assets import Assets
-from samseg.contracts import BBox, CallbackBody, Point, Segment
-from samseg.masks import PackedMasks, write_packed_masks
+from samseg.core.contracts import BBox, CallbackBody, Point, Segment
+from samseg.core.masks import PackedMasks, write_packed_masks
 from samseg.stores.blobs import LocalBlobs
+from samseg.stores.layout import Assets
+from samseg.stores.signed_urls import sign
 
 NEW, OLD = "new-api-token-" + "n" * 20, "old-api-token-" + "o" * 20
 ASSET_SECRET = secrets.token_urlsafe(32)

@@ -1,4 +1,4 @@
-"""samseg.asset_urls: signing and verifying mask URLs (pure functions; the clock is passed in)."""
+"""samseg.stores.signed_urls: signing and verifying mask URLs (pure functions; the clock is passed in)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from pydantic import SecretStr
 
-from samseg.asset_urls import AssetSignatureError, sign, signed_mask_url, verify, verify_request
-from samseg.settings import Settings
+from samseg.core.settings import Settings
+from samseg.stores.signed_urls import AssetSignatureError, sign, signed_mask_url, verify, verify_request
 
 SECRET = SecretStr("asset-url-secret-" + "s" * 32)
 NOW = 1_800_000_000

@@ -1,4 +1,4 @@
-"""samseg.auth: the bearer-token dependency, on a small FastAPI app served by a real uvicorn on loopback.
+"""samseg.api.auth: the bearer-token dependency, on a small FastAPI app served by a real uvicorn on loopback.
 
 The app has the shape api.py's routes will have — protected routes declaring `Depends(require_token(...))`,
 open ones without — and Settings comes through a dependency, overridden per test as api.py's tests will.
@@ -17,8 +17,8 @@ import pytest
 import uvicorn
 from fastapi import Depends, FastAPI
 
-from samseg.auth import require_token, token_matches
-from samseg.settings import Settings, get_settings
+from samseg.api.auth import require_token, token_matches
+from samseg.core.settings import Settings, get_settings
 from tests.support import free_port
 
 NEW, OLD, OTHER = "new-token-" + "n" * 24, "old-token-" + "o" * 24, "someone-else-" + "x" * 24

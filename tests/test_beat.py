@@ -1,6 +1,6 @@
 """`celery -A samseg beat` schedules the purge; a real worker runs it; expired jobs' assets go, fresh stay.
 
-The purge is driven by the job store (samseg.purge): the test records finished jobs in the stack's own
+The purge is driven by the job store (samseg.stores.purge): the test records finished jobs in the stack's own
 store (built by samseg's factory from the stack's settings) and publishes their folders, one finished an hour
 ago (past the 10-minute TTL) and one just now.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from samseg.contracts import JobState
+from samseg.core.contracts import JobState
 from tests.faults_support import stack_stores, wait_until
 from tests.support import VENV_BIN
 

@@ -16,14 +16,14 @@ import boto3
 import numpy as np
 import pytest
 
-from samseg.assets import Assets, checked, result_key, work_key, work_prefix
-from samseg.contracts import BBox, CallbackBody, ErrorInfo, JobState, Point, Segment, Stage
-from samseg.masks import PackedMasks, decode_png, write_packed_masks
-from samseg.purge import purge_expired, sweep_orphans
-from samseg.settings import Settings
+from samseg.core.contracts import BBox, CallbackBody, ErrorInfo, JobState, Point, Segment, Stage
+from samseg.core.masks import PackedMasks, decode_png, write_packed_masks
+from samseg.core.settings import Settings
 from samseg.stores import Stores
 from samseg.stores.blobs import BlobStore, LocalBlobs, S3Blobs, Upload, check_key
 from samseg.stores.jobs import JobStore
+from samseg.stores.layout import Assets, checked, result_key, work_key, work_prefix
+from samseg.stores.purge import purge_expired, sweep_orphans
 from samseg.stores.sql_jobs import SqlJobs
 
 

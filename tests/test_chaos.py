@@ -26,7 +26,7 @@ import boto3
 import pytest
 import yaml
 
-from samseg.contracts import JobState
+from samseg.core.contracts import JobState
 from tests.faults_support import count_events, leftovers, stack_stores, wait_until
 from tests.support import REPO, Recorded, Route, TcpProxy
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from samseg.settings import Settings
+from samseg.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -287,7 +287,7 @@ def test_dockerignore_keeps_what_runs_and_nothing_else() -> None:
         "README.md",
         "celeryconfig.py",
         "samseg/__init__.py",
-        "samseg/settings.py",
+        "samseg/core/settings.py",
         "weights/manifest.json",
     ]
     for rel in needed:

@@ -1,5 +1,5 @@
 """Poison tasks: Celery's io and gpu queues dead-letter a task after SAMSEG_TASK_MAX_RECEIVE_COUNT receives, and
-samseg.dead_letters reads back which job it was — on real messages that samseg's own Celery app published to
+samseg.queue.dead_letters reads back which job it was — on real messages that samseg's own Celery app published to
 a moto server (no hand-built bodies for the positive cases)."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from samseg.dead_letters import NotATaskMessage, parse_task_message, reap_once, reap_task_dead_letters, receive
+from samseg.queue.dead_letters import NotATaskMessage, parse_task_message, reap_once, reap_task_dead_letters, receive
 from tests.faults_support import wait_until
 from tests.support import VENV_BIN
 
 PUBLISH = """
-from samseg.contracts import JobMessage
-from samseg.pipeline import build_chain, segment
+from samseg.core.contracts import JobMessage
+from samseg.worker.stages import build_chain, segment
 build_chain(JobMessage(uuid="dead-1", image_url="http://127.0.0.1:9/x.png"), "run-1").apply_async()
 segment.s({"uuid": "dead-2", "run_id": "run-2", "width": 4, "height": 3}).set(task_id="dead-2.segment").apply_async()
 """
@@ -142,8 +142,8 @@ def test_unreadable_bodies_say_why(body, why):
 
 
 def test_reap_task_dead_letters_visits_the_io_and_gpu_dlqs(published):
-    from samseg.settings import Settings
-    from samseg.sqs import JobQueues
+    from samseg.core.settings import Settings
+    from samseg.queue.sqs import JobQueues
 
     stack = published
     client = stack.sqs()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from samseg.settings import Settings
+from samseg.core.settings import Settings
 from tests.support import REPO
 
 

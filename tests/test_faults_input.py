@@ -531,7 +531,7 @@ def _pitfall_bodies(url: str) -> dict[str, tuple[str, str]]:
     }
 
 
-# Found by the test below (fixed in samseg/sqs_transport_fix.py). kombu's SQS Channel._message_to_python
+# Found by the test below (fixed in samseg/queue/transport.py). kombu's SQS Channel._message_to_python
 # json-loads every body and takes a top-level "properties" key for its own envelope (_prepare_json_payload,
 # _envelope_payload); then kombu.messaging.Consumer._receive_callback calls Message.decode(). RecursionError,
 # AttributeError, ContentDisallowed or DecodeError escaped into Celery's event loop: "Unrecoverable error",
@@ -541,7 +541,7 @@ def test_kombu_envelope_pitfalls_do_not_kill_the_worker(case, make_stack, http_s
     """Fault: one jobs-queue body that kombu's SQS transport would take for (or choke on as) its own message
     envelope — JSON nested 20000 deep, a `properties` key that is not an object, base64 text (not JSON at all)
     that kombu decodes into such JSON, a kombu-style envelope declaring pickle or carrying an undecodable JSON
-    body. Each gets a worker of its own: before samseg.sqs_transport_fix, each one killed its worker.
+    body. Each gets a worker of its own: before samseg.queue.transport, each one killed its worker.
     (Also seen while writing this, same
     cause: `"properties": null` or `[]`, `"properties": {"delivery_info": "x"}`.)
 

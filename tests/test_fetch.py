@@ -1,4 +1,4 @@
-"""samseg.fetch: URL policy (SSRF), bounded download, header-only probe and decoding.
+"""samseg.transfer.image_fetch: URL policy (SSRF), bounded download, header-only probe and decoding.
 
 Every request in this module goes to 127.0.0.1. check_url on private or link-local literals only resolves
 them (getaddrinfo of a literal makes no network traffic), and a guard on socket.connect fails any test that
@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samseg.errors import JobError
-from samseg.fetch import MAX_REDIRECTS, ImageInfo, check_url, download_image, load_rgb, probe_image
-from samseg.settings import Settings
+from samseg.core.errors import JobError
+from samseg.core.settings import Settings
+from samseg.transfer.image_fetch import MAX_REDIRECTS, ImageInfo, check_url, download_image, load_rgb, probe_image
 from tests.support import LoopbackServer, Route, free_port, scene_png
 
 # Pillow's own decompression-bomb limit, as shipped (load_rgb sets the global to None as a side effect).
@@ -402,7 +402,7 @@ def test_redirect_to_a_port_not_allowed_is_refused_before_connecting(server, tmp
 
 def test_the_connection_itself_checks_the_port(tmp_path):
     """Defence in depth: the connect-time guard refuses a port even if check_url were bypassed."""
-    from samseg.fetch import _client, _GuardedBackend, _Refused
+    from samseg.transfer.image_fetch import _client, _GuardedBackend, _Refused
 
     settings = make_settings()
     backend = _GuardedBackend(settings)

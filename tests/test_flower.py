@@ -1,4 +1,4 @@
-"""Flower on the SQS broker: Celery monitoring events fanned out through SNS (samseg/events.py).
+"""Flower on the SQS broker: Celery monitoring events fanned out through SNS (samseg/queue/events.py).
 
 The fault: on SQS, Celery's events go to a `topic` exchange whose bindings exist only in the memory of the
 process that declared them, so the worker's events reach nobody and Flower shows no worker and no task.
@@ -23,7 +23,7 @@ import httpx
 import pytest
 from celery import Celery
 
-from samseg.settings import Settings
+from samseg.core.settings import Settings
 from tests.support import VENV_BIN, free_port, wait_http
 
 pytestmark = pytest.mark.slow
@@ -64,8 +64,8 @@ def _poll(what: str, probe: Callable[[], Any], timeout: float, interval: float =
 
 
 def _call_purge(stack: Any) -> str:
-    """Send one real `samseg.purge` task the way any client would (`celery call`); return its id."""
-    proc = stack.start("call", CELERY, "-A", "samseg", "call", "samseg.purge")
+    """Send one real `samseg.stores.purge` task the way any client would (`celery call`); return its id."""
+    proc = stack.start("call", CELERY, "-A", "samseg", "call", "samseg.stores.purge")
     assert proc.popen.wait(60) == 0, proc.output()
     ids = UUID_RE.findall(proc.output())
     assert ids, proc.output()
@@ -103,7 +103,7 @@ def test_flower_shows_worker_online_and_task_succeeded_over_sqs(make_stack, moto
         return info if info.get("state") == "SUCCESS" else None
 
     info = _poll("task SUCCESS in Flower", task_state, timeout=30)
-    assert info["name"] == "samseg.purge" and info["worker"] == worker_name
+    assert info["name"] == "samseg.stores.purge" and info["worker"] == worker_name
     listed = httpx.get(flower + "/api/tasks", timeout=5).json()
     assert listed[task_id]["state"] == "SUCCESS"
 
@@ -138,7 +138,7 @@ def test_flower_shows_worker_online_and_task_succeeded_over_sqs(make_stack, moto
 def test_sweep_deletes_only_abandoned_event_queues(moto_url: str) -> None:
     """A killed Flower (no atexit) leaves its queue subscribed; it fills with events. The sweep deletes queues
     with a backlog and their subscriptions, and keeps a live (drained) one."""
-    from samseg.events import sweep_event_queues
+    from samseg.queue.events import sweep_event_queues
 
     prefix = f"sweep{os.getpid()}-"
     app = Celery("t", set_as_current=False)
@@ -183,7 +183,7 @@ def test_enable_configures_app_and_patches_only_sqs_fanout() -> None:
     from celery.events import dispatcher, receiver
     from kombu import Connection
 
-    from samseg.events import enable_sqs_events
+    from samseg.queue.events import enable_sqs_events
 
     app = Celery("t", set_as_current=False)
     app.conf.broker_url = "sqs://127.0.0.1:1"
@@ -204,9 +204,9 @@ def test_enable_configures_app_and_patches_only_sqs_fanout() -> None:
 
 
 def test_enable_refuses_untested_versions_and_other_brokers(monkeypatch, caplog) -> None:
-    import samseg.events as events
+    import samseg.queue.events as events
 
-    caplog.set_level(logging.WARNING, logger="samseg.events")
+    caplog.set_level(logging.WARNING, logger="samseg.queue.events")
     app = Celery("t", set_as_current=False)
     app.conf.broker_url = "sqs://"
     monkeypatch.setitem(events.TESTED_VERSIONS, "kombu", "0.0.1")

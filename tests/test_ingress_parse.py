@@ -1,4 +1,4 @@
-"""samseg.ingress: parsing the app server's raw JSON job bodies (pure functions, no broker)."""
+"""samseg.worker.ingress: parsing the app server's raw JSON job bodies (pure functions, no broker)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from samseg.contracts import JobMessage
-from samseg.ingress import InvalidJob, parse_job, raw_body
+from samseg.core.contracts import JobMessage
+from samseg.worker.ingress import InvalidJob, parse_job, raw_body
 
 UUID = "6f1c2d3e-4a5b-4c6d-8e7f-0123456789ab"
 URL = "https://images.example.com/photos/cat.jpg"

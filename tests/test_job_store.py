@@ -20,7 +20,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from samseg.contracts import CallbackStatus, ErrorInfo, JobState, Stage
+from samseg.core.contracts import CallbackStatus, ErrorInfo, JobState, Stage
 from samseg.stores.dynamo_jobs import DynamoJobs
 from samseg.stores.jobs import PUBLISH_LEASE_SECONDS, Decision, JobBackend, JobStore
 from samseg.stores.sql_jobs import SqlJobs

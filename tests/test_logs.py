@@ -1,4 +1,4 @@
-"""samseg.logs: URL redaction and the secret redactor, on the real logging set-up in a fresh interpreter."""
+"""samseg.core.logs: URL redaction and the secret redactor, on the real logging set-up in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from samseg.logs import REDACTED, SecretRedactor, redact_text, redact_url
+from samseg.core.logs import REDACTED, SecretRedactor, redact_text, redact_url
 from tests.support import REPO
 
 API_TOKEN = "api-token-" + "a" * 24
@@ -70,7 +70,7 @@ def test_worker_style_logging_leaks_no_secret(tmp_path):
     through structlog, the stdlib (as Celery and kombu do) and an exception: none of them reach stderr."""
     script = f"""
 import logging, structlog
-from samseg.logs import configure_logging
+from samseg.core.logs import configure_logging
 configure_logging("INFO", json=True)
 log = structlog.get_logger("t")
 log.info("job_accepted", image_url={PRESIGNED!r}, header="Bearer {API_TOKEN}")

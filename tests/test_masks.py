@@ -1,4 +1,4 @@
-"""samseg.masks: geometry measured on the mask, 1-bit PNG encoding, packed hand-off form, parallel writer."""
+"""samseg.core.masks: geometry measured on the mask, 1-bit PNG encoding, packed hand-off form, parallel writer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samseg.masks import (
+from samseg.core.masks import (
     MaskGeometry,
     decode_png,
     encode_png,
@@ -225,7 +225,7 @@ def test_write_mask_pngs_accepts_a_list_of_different_sizes(tmp_path):
 # --- bit-packed masks: geometry, PNGs and the .npy hand-off without unpacking ---------------------------------
 @pytest.mark.parametrize("shape", [(1, 1), (7, 9), (16, 8), (33, 65), (5, 1000)])
 def test_packed_geometry_and_png_match_the_unpacked_ones(shape):
-    from samseg.masks import encode_packed_png, packed_geometry
+    from samseg.core.masks import encode_packed_png, packed_geometry
 
     rng = np.random.default_rng(shape[0] * 1000 + shape[1])
     for density in (0.0, 0.01, 0.5, 1.0):
@@ -236,7 +236,7 @@ def test_packed_geometry_and_png_match_the_unpacked_ones(shape):
 
 
 def test_packed_masks_file_reads_one_mask_at_a_time_and_checks_its_shape(tmp_path):
-    from samseg.masks import PackedMasks, write_packed_masks
+    from samseg.core.masks import PackedMasks, write_packed_masks
 
     rng = np.random.default_rng(3)
     masks = [rng.random((13, 21)) > 0.5 for _ in range(5)]

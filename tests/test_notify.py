@@ -1,4 +1,4 @@
-"""samseg.notify: the PATCH callback against a real HTTP server on loopback, with recorded (not real) sleeps."""
+"""samseg.transfer.callbacks: the PATCH callback against a real HTTP server on loopback, recorded (not real) sleeps."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from http.server import ThreadingHTTPServer
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from samseg.contracts import BBox, CallbackBody, ErrorInfo, Point, Segment
-from samseg.notify import (
+from samseg.core.contracts import BBox, CallbackBody, ErrorInfo, Point, Segment
+from samseg.core.settings import Settings
+from samseg.transfer.callbacks import (
     InsecureCallbackError,
     backoff_delay,
     callback_url,
@@ -22,7 +23,6 @@ from samseg.notify import (
     send_callback,
     webhook_id_for,
 )
-from samseg.settings import Settings
 from tests.support import LoopbackServer, Route, free_port
 
 UUID = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"

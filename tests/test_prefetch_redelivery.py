@@ -186,7 +186,7 @@ def test_prompt_polling_is_version_guarded(monkeypatch: pytest.MonkeyPatch) -> N
     import kombu
     from kombu.transport.SQS import Channel
 
-    from samseg import sqs_polling
+    from samseg.queue import polling as sqs_polling
 
     assert sqs_polling.apply(False) is False
     monkeypatch.setattr(kombu, "__version__", "5.8.0")

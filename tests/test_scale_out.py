@@ -134,9 +134,9 @@ def test_job_completes_across_three_hosts_without_a_shared_directory(
     # The purge (as the beat task runs it, an hour later) removes the expired job's objects, not its record.
     for key, value in {**stack.env, **shared_aws}.items():
         monkeypatch.setenv(key, value)
-    from samseg.purge import purge_expired
-    from samseg.settings import Settings
+    from samseg.core.settings import Settings
     from samseg.stores import build_stores
+    from samseg.stores.purge import purge_expired
 
     settings = Settings()
     stores = build_stores(settings)
@@ -204,9 +204,9 @@ def test_worker_sigkilled_during_segment_completes_once_with_s3_and_dynamodb(
 
 @pytest.mark.parametrize("mode", ["proxy", "redirect"])
 def test_api_serves_s3_assets_by_streaming_or_by_presigned_redirect(make_stack, shared_aws, moto_url, tmp_path, mode):
-    from samseg.assets import Assets
-    from samseg.contracts import CallbackBody
-    from samseg.masks import PackedMasks, write_packed_masks
+    from samseg.core.contracts import CallbackBody
+    from samseg.core.masks import PackedMasks, write_packed_masks
+    from samseg.stores.layout import Assets
     from tests.faults_support import stack_stores
 
     stack = make_stack(SAMSEG_S3_ASSETS=mode, **shared_aws)

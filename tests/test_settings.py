@@ -1,4 +1,4 @@
-"""samseg.settings: defaults, environment and `.env` parsing, validation and the derived values."""
+"""samseg.core.settings: defaults, environment and `.env` parsing, validation and the derived values."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from kombu.utils.url import url_to_parts
 from pydantic import ValidationError
 
-from samseg.settings import Settings
+from samseg.core.settings import Settings
 
 
 @pytest.fixture(autouse=True)

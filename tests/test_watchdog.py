@@ -1,4 +1,4 @@
-"""samseg.watchdog: time limits in the pools Celery does not enforce them in (solo, threads).
+"""samseg.ops.watchdog: time limits in the pools Celery does not enforce them in (solo, threads).
 
 In-process tests drive StageWatchdog with real threads — a pure-Python loop (the soft limit interrupts it)
 and a thread blocked in a C call that never returns to Python (`select()` on a pipe nobody writes: no
@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
-from samseg.health import Heartbeat, worker_health
-from samseg.watchdog import EXIT_HARD_TIMEOUT, StageWatchdog
+from samseg.ops.health import Heartbeat, worker_health
+from samseg.ops.watchdog import EXIT_HARD_TIMEOUT, StageWatchdog
 from tests.faults_support import count_events, events, is_callback, wait_until
 
 
@@ -117,7 +117,7 @@ def test_a_hook_that_hangs_does_not_keep_the_process_alive():
     never = threading.Event()
     watchdog = StageWatchdog(lambda task: never.wait(), interval=0.05, hook_timeout=0.5, exit_process=exits.append)
     watchdog.start()
-    watchdog.task_started("t3", "samseg.notify", soft=None, hard=0.1)  # this thread stands in for the task
+    watchdog.task_started("t3", "samseg.transfer.callbacks", soft=None, hard=0.1)  # this thread stands in for the task
     wait_until(lambda: exits, 10, "the exit despite a hung hook")
     assert exits == [EXIT_HARD_TIMEOUT]
     watchdog.task_finished("t3")
@@ -204,7 +204,7 @@ def test_a_trickling_download_fails_with_timeout_and_the_worker_keeps_serving(
     )
     worker = _io_worker(stack, pool)
     ready = next(e for e in events(worker) if e.get("event") == "worker_ready")
-    assert ready["time_limits_by"] == "samseg.watchdog"
+    assert ready["time_limits_by"] == "samseg.ops.watchdog"
     stack.send_raw(json.dumps({"uuid": "trickle-1", "image_url": f"{stalling.url}/trickle"}))
     (patch,) = app_server.wait_for(is_callback("trickle-1"), timeout=60)
     body = patch.json()
@@ -230,7 +230,7 @@ def test_a_download_stuck_in_a_c_call_ends_the_worker_with_its_own_status(make_s
     assert logged["task_soft_time_limit"]["task_id"] == "stuck-1.download"  # tried first, could not help
     hard = logged["task_hard_time_limit"]
     assert (hard["task_id"], hard["job_uuid"]) == ("stuck-1.download", "stuck-1")
-    assert hard["sqs_message_known"] is True  # a hook can acknowledge the message (samseg.watchdog.held_message)
+    assert hard["sqs_message_known"] is True  # a hook can acknowledge the message (samseg.ops.watchdog.held_message)
     # The heartbeat said why just before the exit.
     assert (
         "past its hard time limit"
@@ -259,8 +259,8 @@ def test_the_watchdog_covers_every_pool_celery_enforces_no_limit_in():
     from celery.concurrency.solo import TaskPool as Solo
     from celery.concurrency.thread import TaskPool as Threads
 
-    from samseg.pool import ModelThreadPool
-    from samseg.watchdog import watches_pool
+    from samseg.ops.watchdog import watches_pool
+    from samseg.worker.pool import ModelThreadPool
 
     assert watches_pool(Solo) and watches_pool(Threads) and watches_pool(ModelThreadPool)  # the GPU worker's
     assert not watches_pool(Prefork)

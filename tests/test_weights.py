@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from samseg.models import MODEL_CONFIGS
-from samseg.settings import ModelName, Settings
-from samseg.weights import ModelEntry, WeightsError, download_checkpoint, ensure_checkpoint, load_manifest
+from samseg.core.settings import ModelName, Settings
+from samseg.runtime.build import MODEL_CONFIGS
+from samseg.runtime.weights import ModelEntry, WeightsError, download_checkpoint, ensure_checkpoint, load_manifest
 
 MODEL = "sam2.1_hiera_tiny"
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 17)  # not a multiple of the chunk size

@@ -12,11 +12,11 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 
-from samseg import metrics  # noqa: F401  (first: it sets up prometheus_client's multiprocess mode)
 from samseg.api import assets, health, jobs
-from samseg.logs import configure_logging
-from samseg.settings import Settings, get_settings
-from samseg.sqs import JobQueues
+from samseg.core.logs import configure_logging
+from samseg.core.settings import Settings, get_settings
+from samseg.ops import metrics  # noqa: F401  (first: it sets up prometheus_client's multiprocess mode)
+from samseg.queue.sqs import JobQueues
 from samseg.stores import build_stores
 
 log = structlog.get_logger(__name__)

@@ -17,14 +17,14 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
+from samseg.api.auth import bearer_scheme, check_credentials
 from samseg.api.deps import SettingsDep, StoresDep
 from samseg.api.jobs import JobIdParam
-from samseg.asset_urls import AssetSignatureError, verify_request
-from samseg.assets import MASK_NAME, mask_key, result_key
-from samseg.auth import bearer_scheme, check_credentials
-from samseg.contracts import UUID_PATTERN
-from samseg.results import MASK_DIR
+from samseg.core.contracts import UUID_PATTERN
 from samseg.stores import Stores
+from samseg.stores.layout import MASK_NAME, mask_key, result_key
+from samseg.stores.results import MASK_DIR
+from samseg.stores.signed_urls import AssetSignatureError, verify_request
 
 router = APIRouter(tags=["assets"])
 

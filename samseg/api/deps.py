@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from samseg.auth import require_token
-from samseg.settings import Settings
-from samseg.sqs import JobQueues
+from samseg.api.auth import require_token
+from samseg.core.settings import Settings
+from samseg.queue.sqs import JobQueues
 from samseg.stores import Stores
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from samseg import metrics  # first: it configures prometheus_client's multiprocess mode
 from samseg.api.deps import SettingsDep, StoresDep, authenticated
-from samseg.health import readiness
-from samseg.settings import Settings
-from samseg.sqs import JobQueues, probe_client
+from samseg.core.settings import Settings
+from samseg.ops import metrics  # first: it configures prometheus_client's multiprocess mode
+from samseg.ops.health import readiness
+from samseg.queue.sqs import JobQueues, probe_client
 
 router = APIRouter(tags=["health"])
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi import Path as PathParam
 
 from samseg.api.deps import QueuesDep, StoresDep, authenticated
-from samseg.contracts import UUID_PATTERN, JobAccepted, JobMessage, JobState, JobStatus, Segment
+from samseg.core.contracts import UUID_PATTERN, JobAccepted, JobMessage, JobState, JobStatus, Segment
 from samseg.stores.jobs import JobRecord
 
 log = structlog.get_logger(__name__)

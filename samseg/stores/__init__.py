@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from samseg.settings import Settings
+from samseg.core.settings import Settings
 from samseg.stores.blobs import BlobStore, LocalBlobs, S3Blobs
 from samseg.stores.jobs import JobBackend, JobStore
 
 if TYPE_CHECKING:
-    from samseg.assets import Assets
+    from samseg.stores.layout import Assets
     from samseg.stores.sql_jobs import SqlJobs
 
 __all__ = ["Stores", "build_stores"]
@@ -33,7 +33,7 @@ class Stores:
 
     @property
     def assets(self) -> Assets:
-        from samseg.assets import Assets  # assets → results → stores.blobs: imported here to keep one direction
+        from samseg.stores.layout import Assets  # assets → results → stores.blobs: imported here to keep one direction
 
         return Assets(self.blobs)
 
@@ -46,7 +46,7 @@ def build_blobs(settings: Settings) -> BlobStore:
     if not settings.storage_url:
         return LocalBlobs(settings.assets_dir)
     parts = urlsplit(settings.storage_url)
-    from samseg.aws import client
+    from samseg.core.aws import client
 
     # boto3's pool defaults to 10 connections; one per upload thread, plus the API's concurrent readers.
     s3 = client(settings, "s3", settings.aws_endpoint_url_s3, max_pool_connections=settings.s3_max_concurrency + 4)
@@ -57,7 +57,7 @@ def build_job_backend(settings: Settings) -> JobBackend:
     url = settings.job_store_url
     ttl = settings.job_record_ttl_seconds
     if url.startswith("dynamodb://"):
-        from samseg.aws import client
+        from samseg.core.aws import client
         from samseg.stores.dynamo_jobs import DynamoJobs
 
         dynamo = client(settings, "dynamodb", settings.aws_endpoint_url_dynamodb)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from samseg.contracts import CallbackStatus, ErrorInfo, JobState, Stage
+from samseg.core.contracts import CallbackStatus, ErrorInfo, JobState, Stage
 from samseg.stores.jobs import TERMINAL_RANK, JobRecord, rank
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
 
-from samseg.contracts import CallbackStatus, ErrorInfo, JobState, JobStatus, Stage
+from samseg.core.contracts import CallbackStatus, ErrorInfo, JobState, JobStatus, Stage
 
 # How long a consumer that claimed a message has to publish its chain before another delivery of the same
 # SQS message may take over (the first one crashed or lost SQS in between).

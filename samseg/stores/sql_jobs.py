@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from samseg.contracts import CallbackStatus, ErrorInfo, JobState, Stage
+from samseg.core.contracts import CallbackStatus, ErrorInfo, JobState, Stage
 from samseg.stores.jobs import TERMINAL_RANK, JobRecord, rank
 
 SCHEMA = """

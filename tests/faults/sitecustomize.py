@@ -9,7 +9,7 @@ makes SAM-2's prompt encoder (`sam2.modeling.sam.prompt_encoder.PromptEncoder.fo
 `torch.OutOfMemoryError("CUDA out of memory (injected)")` whenever it is called with more than N prompts
 at once, i.e. at the start of every prompt batch the mask generator decodes (its `points_per_batch`). The
 prompt encoder is the hook because both of samseg's generators call it once per batch: SAM-2's own
-(`SAM2ImagePredictor._predict`, which then calls `MaskDecoder.forward`) and samseg.amg's fast one (which
+(`SAM2ImagePredictor._predict`, which then calls `MaskDecoder.forward`) and samseg.runtime.amg's fast one (which
 runs the decoder's parts itself and never calls `MaskDecoder.forward`). That is the only fault the test
 suite injects inside a process, because the real one — a GPU running out of memory during the batched
 decode — cannot happen on a CPU-only machine.

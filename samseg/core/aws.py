@@ -11,7 +11,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from samseg.settings import Settings
+from samseg.core.settings import Settings
 
 
 def client(settings: Settings, service: str, endpoint_url: str | None, **config: Any) -> Any:

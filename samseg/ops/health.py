@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from samseg.settings import Settings
+from samseg.core.settings import Settings
 
 if TYPE_CHECKING:
     from samseg.stores import Stores
@@ -59,7 +59,7 @@ class Heartbeat(threading.Thread):
         self.interval = interval
         self.hostname = hostname
         self.needs_model = needs_model
-        # What makes a live process unhealthy anyway (samseg.watchdog: a task stuck past its hard limit).
+        # What makes a live process unhealthy anyway (samseg.ops.watchdog: a task stuck past its hard limit).
         self.problems = problems or (lambda: [])
         self._stop = threading.Event()
 

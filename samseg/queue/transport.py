@@ -11,7 +11,7 @@
    `raw_queues` are handed over untouched (the body as text, no content type), exactly the shape kombu
    gives any body that is not JSON; samseg's ingress validates and dead-letters them itself.
 
-`apply` also installs samseg.sqs_polling (prompt polling: the next message is asked for as soon as a
+`apply` also installs samseg.queue.polling (prompt polling: the next message is asked for as soon as a
 prefetch slot frees) unless SAMSEG_SQS_PROMPT_POLLING is off.
 """
 
@@ -40,7 +40,7 @@ def apply(raw_queues: frozenset[str] = frozenset(), prompt_polling: bool | None 
     if getattr(original, "_samseg_fixed", False):
         return True
     if prompt_polling is None:
-        from samseg.settings import get_settings
+        from samseg.core.settings import get_settings
 
         prompt_polling = get_settings().sqs_prompt_polling
 
@@ -70,7 +70,7 @@ def apply(raw_queues: frozenset[str] = frozenset(), prompt_polling: bool | None 
     Channel._on_messages_ready = on_messages_ready
     Channel._message_to_python = message_to_python
     # After the fixes above: its own _on_messages_ready wrapper must see the failed polls first.
-    from samseg import sqs_polling
+    from samseg.queue import polling as sqs_polling
 
     sqs_polling.apply(prompt_polling)
     return True

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # Receives of one Celery task message (io, gpu) before SQS moves it to `<queue>-dlq`: a task whose worker
     # dies every time (the OOM killer on one huge image) stops there instead of being redelivered forever.
     task_max_receive_count: int = Field(5, ge=1, le=1000)
-    # Ask SQS for the next message as soon as a prefetch slot frees (samseg/sqs_polling.py), instead of
+    # Ask SQS for the next message as soon as a prefetch slot frees (samseg/queue/polling.py), instead of
     # kombu's re-check every polling interval. Off only to compare with kombu's own timing.
     sqs_prompt_polling: bool = True
     # Celery monitoring events through SNS, so that Flower shows workers and tasks (docs/flower-on-sqs.md).
@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     amg_prune: bool = False
     segment_time_limit_seconds: int = Field(1800, ge=10)
     # Hard time limit of the io tasks (download, persist, purge); the soft limit is 20 % (at most 60 s)
-    # earlier. Enforced by Celery in prefork pools and by samseg.watchdog in solo and threads pools.
+    # earlier. Enforced by Celery in prefork pools and by samseg.ops.watchdog in solo and threads pools.
     io_time_limit_seconds: int = Field(360, ge=2)
     weights_base_url: str | None = None
 

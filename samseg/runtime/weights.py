@@ -25,13 +25,13 @@ import httpx
 import structlog
 from tqdm import tqdm
 
-from samseg.settings import Settings
+from samseg.core.settings import Settings
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
 # Resolved from the package, not the working directory: editable installs and the Docker image both
 # carry the repository tree, so weights/ sits next to samseg/.
-DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "manifest.json"
+DEFAULT_MANIFEST = Path(__file__).resolve().parent / "weights_manifest.json"
 
 # Long enough for a slow link to fetch the 860 MiB large model while another worker waits on it.
 DEFAULT_LOCK_TIMEOUT = 3600.0

@@ -29,7 +29,7 @@ import structlog
 from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from samseg.settings import Settings, get_settings
+from samseg.core.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
 

@@ -28,21 +28,21 @@ from botocore.exceptions import BotoCoreError, ClientError
 from celery import Task, chain
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
-from samseg import metrics
-from samseg.asset_urls import signed_mask_url
-from samseg.assets import work_key
-from samseg.celery_app import app
-from samseg.contracts import CallbackBody, CallbackStatus, ErrorInfo, JobMessage, JobState, Stage
-from samseg.errors import JobError, is_transient
-from samseg.fetch import download_image, load_rgb, probe_image
-from samseg.masks import PackedMasks, write_packed_masks
-from samseg.notify import send_callback, webhook_id_for
-from samseg.results import describe_segments, mask_path
-from samseg.segmenter import get_segmenter
-from samseg.settings import Settings, get_settings
-from samseg.sqs import JobQueues, probe_client
+from samseg.core.contracts import CallbackBody, CallbackStatus, ErrorInfo, JobMessage, JobState, Stage
+from samseg.core.errors import JobError, is_transient
+from samseg.core.masks import PackedMasks, write_packed_masks
+from samseg.core.settings import Settings, get_settings
+from samseg.ops import metrics
+from samseg.ops.watchdog import RunningTask, held_message, on_hard_timeout
+from samseg.queue.sqs import JobQueues, probe_client
+from samseg.runtime.segmenter import get_segmenter
 from samseg.stores import Stores, build_stores
-from samseg.watchdog import RunningTask, held_message, on_hard_timeout
+from samseg.stores.layout import work_key
+from samseg.stores.results import describe_segments, mask_path
+from samseg.stores.signed_urls import signed_mask_url
+from samseg.transfer.callbacks import send_callback, webhook_id_for
+from samseg.transfer.image_fetch import download_image, load_rgb, probe_image
+from samseg.worker.app import app
 
 log = structlog.get_logger(__name__)
 
@@ -61,7 +61,7 @@ class StageTask(Task):  # type: ignore[misc]
     """Base of samseg's tasks: Settings, the stores built once per worker process (after any fork), and
     retries through outages.
 
-    A stage that cannot reach SQS, S3 or the job store (samseg.errors.is_transient) is not a failed job: it is
+    A stage that cannot reach SQS, S3 or the job store (samseg.core.errors.is_transient) is not a failed job: it is
     published again with a growing delay (5 s doubling to 5 min, STAGE_RETRIES times ≈ 1 h) and its message
     acknowledged. If even that publish fails (SQS itself is down), the acknowledgement fails too and SQS
     redelivers the message after its visibility timeout. Either way the run resumes where it stopped.
@@ -223,7 +223,7 @@ def persist(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(
-    name="samseg.notify",
+    name="samseg.transfer.callbacks",
     bind=True,
     base=StageTask,
     time_limit=NOTIFY_TIME_LIMIT,
@@ -367,7 +367,7 @@ def _fail_hung_task(task: RunningTask) -> None:
 def reap_dead_tasks(self: StageTask) -> int:
     """Beat, every minute: stage messages SQS dead-lettered (their worker died on every delivery — the kernel's
     OOM killer on one huge image, a segfault) end their run as failed with `worker_lost`."""
-    from samseg.dead_letters import DeadLetter, reap_task_dead_letters
+    from samseg.queue.dead_letters import DeadLetter, reap_task_dead_letters
 
     def handle(letter: DeadLetter) -> bool:
         dead = letter.task
@@ -409,9 +409,9 @@ def _storage_errors() -> Iterator[None]:
         raise JobError("storage_error", f"the object store refused the request: {exc}") from exc
 
 
-@app.task(name="samseg.purge", bind=True, base=StageTask)
+@app.task(name="samseg.stores.purge", bind=True, base=StageTask)
 def purge(self: StageTask) -> dict[str, int]:
-    from samseg.purge import purge_expired
+    from samseg.stores.purge import purge_expired
 
     report = purge_expired(self.stores, self.settings)
     log.info("assets_purged", ttl_seconds=self.settings.asset_ttl_seconds, **report)

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from samseg.contracts import UUID_PATTERN
+from samseg.core.contracts import UUID_PATTERN
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
-    from samseg.sqs import JobQueues
+    from samseg.queue.sqs import JobQueues
 
 log = structlog.get_logger(__name__)
 

@@ -54,7 +54,7 @@ from typing import Any
 
 from celery import Celery
 
-from samseg.settings import Settings
+from samseg.core.settings import Settings
 
 # Standard logging, not structlog: this runs while celery_app is imported, before logging is configured, and
 # an unconfigured structlog prints to stdout (which the CLI's output would then carry). Once configured, these

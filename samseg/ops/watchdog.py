@@ -5,7 +5,7 @@ runs solo and `samseg up`'s io worker runs threads, so without this a hung CUDA 
 keeps a job `running` forever while the visibility keeper extends its message and the heartbeat says healthy.
 
 The worker's main process — where solo and threads pools run their tasks — tracks every running task
-(task_prerun / task_postrun, wired in samseg.celery_app) with the deadlines Celery itself would use: the
+(task_prerun / task_postrun, wired in samseg.worker.app) with the deadlines Celery itself would use: the
 message's `timelimit` header, else the task's `time_limit` / `soft_time_limit` (for samseg's io tasks,
 `SAMSEG_IO_TIME_LIMIT_SECONDS` via celeryconfig; segment and notify set their own). A thread checks them:
 
@@ -35,7 +35,7 @@ from typing import Any
 
 import structlog
 
-from samseg.settings import Settings
+from samseg.core.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -272,7 +272,7 @@ def run_hard_timeout_hooks(task: RunningTask) -> None:
 
 def watches_pool(pool_cls: Any) -> bool:
     """True for the pools Celery enforces no time limit in (solo, threads, and pools built on them such as
-    samseg.pool.ModelThreadPool, the GPU worker's); prefork enforces its own."""
+    samseg.worker.pool.ModelThreadPool, the GPU worker's); prefork enforces its own."""
     from celery.concurrency.solo import TaskPool as SoloPool
     from celery.concurrency.thread import TaskPool as ThreadPool
 
@@ -304,15 +304,15 @@ def release_held_messages(client: Any, requests: list[Any]) -> int:
 
 
 def worker_hard_timeout(settings: Settings, threads: list[Any]) -> Callable[[RunningTask], None]:
-    """The `on_hard_timeout` of a solo/threads worker (samseg.celery_app): in this order, before the exit,
+    """The `on_hard_timeout` of a solo/threads worker (samseg.worker.app): in this order, before the exit,
 
     report unhealthy at once (one heartbeat now), stop the visibility keeper, run the registered hooks
     (`on_hard_timeout`), then release every message the worker still holds (`release_held_messages`).
     `threads` is the worker's list of helper threads (heartbeat, visibility keeper, ...).
     """
-    from samseg.health import Heartbeat
-    from samseg.sqs import probe_client
-    from samseg.visibility import VisibilityKeeper, _snapshot
+    from samseg.ops.health import Heartbeat
+    from samseg.queue.sqs import probe_client
+    from samseg.queue.visibility import VisibilityKeeper, _snapshot
 
     client = probe_client(settings)  # made now: at the timeout there may be no time to build one
 

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from celery import Celery, signals
 
-from samseg import sqs_transport_fix
-from samseg.logs import bind_job, configure_logging, unbind_job
-from samseg.settings import Settings, get_settings
+from samseg.core.logs import bind_job, configure_logging, unbind_job
+from samseg.core.settings import Settings, get_settings
+from samseg.queue import transport as sqs_transport_fix
 
 if TYPE_CHECKING:
     from samseg.stores import Stores
@@ -22,10 +22,10 @@ log = structlog.get_logger(__name__)
 
 sqs_transport_fix.apply(raw_queues=frozenset({get_settings().jobs_queue}))
 
-app = Celery("samseg", include=["samseg.pipeline"])
-app.config_from_object("celeryconfig")
+app = Celery("samseg", include=["samseg.worker.stages"])
+app.config_from_object("samseg.worker.config")
 if get_settings().events:
-    from samseg.events import enable_sqs_events
+    from samseg.queue.events import enable_sqs_events
 
     enable_sqs_events(app, get_settings())
 
@@ -38,7 +38,7 @@ def _setup_logging(**_: Any) -> None:
 
 
 _started: dict[str, float] = {}
-_watchdog: Any = None  # samseg.watchdog.StageWatchdog in solo/threads workers (their tasks run in this process)
+_watchdog: Any = None  # samseg.ops.watchdog.StageWatchdog in solo/threads workers (their tasks run in this process)
 
 
 @signals.task_prerun.connect
@@ -48,7 +48,7 @@ def _bind_task(task_id: str | None = None, task: Any = None, args: Any = None, *
     if task_id:
         _started[task_id] = time.monotonic()
     if _watchdog is not None and task_id:
-        from samseg.watchdog import task_limits
+        from samseg.ops.watchdog import task_limits
 
         soft, hard = task_limits(task)
         _watchdog.task_started(task_id, str(task.name), soft, hard, tuple(args or ()), _active_request(task_id))
@@ -57,7 +57,7 @@ def _bind_task(task_id: str | None = None, task: Any = None, args: Any = None, *
 def _active_request(task_id: str) -> Any:
     from celery.worker import state
 
-    from samseg.visibility import _snapshot  # the set changes under us in a threads pool
+    from samseg.queue.visibility import _snapshot  # the set changes under us in a threads pool
 
     return next((r for r in _snapshot(state.active_requests) if getattr(r, "id", None) == task_id), None)
 
@@ -69,7 +69,7 @@ def _unbind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None
     started = _started.pop(task_id or "", None)
     stage = str(getattr(task, "name", "")).removeprefix("samseg.")
     if started is not None:
-        from samseg import metrics
+        from samseg.ops import metrics
 
         if stage in metrics.STAGES:
             metrics.STAGE_SECONDS.labels(stage).observe(time.monotonic() - started)
@@ -88,8 +88,8 @@ def _warm_up_model(**_: Any) -> None:
         return
 
     def warm() -> None:
-        from samseg.health import mark_ready
-        from samseg.segmenter import get_segmenter
+        from samseg.ops.health import mark_ready
+        from samseg.runtime.segmenter import get_segmenter
 
         settings = get_settings()
         try:
@@ -105,20 +105,20 @@ def _warm_up_model(**_: Any) -> None:
 
 @signals.worker_process_shutdown.connect
 def _process_shutdown(pid: int | None = None, **_: Any) -> None:
-    from samseg import metrics
+    from samseg.ops import metrics
 
     metrics.process_exited(pid or os.getpid())
 
 
 _threads: list[Any] = []
-_metrics_server: Any = None  # the worker's own /metrics (samseg.metrics.MetricsServer), main process only
+_metrics_server: Any = None  # the worker's own /metrics (samseg.ops.metrics.MetricsServer), main process only
 
 
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
-    from samseg.health import Heartbeat
-    from samseg.visibility import VisibilityKeeper
-    from samseg.watchdog import StageWatchdog, watches_pool, worker_hard_timeout
+    from samseg.ops.health import Heartbeat
+    from samseg.ops.watchdog import StageWatchdog, watches_pool, worker_hard_timeout
+    from samseg.queue.visibility import VisibilityKeeper
 
     settings = get_settings()
     hostname = getattr(sender, "hostname", None) or socket.gethostname()
@@ -139,7 +139,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     for thread in _threads:
         thread.start()
     if settings.metrics_port:
-        from samseg import metrics
+        from samseg.ops import metrics
 
         global _metrics_server
         _metrics_server = metrics.serve(settings.metrics_port, settings.metrics_host)
@@ -150,17 +150,17 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         model=settings.sam2_model,
         device=settings.device,
         events=settings.events,
-        time_limits_by="samseg.watchdog" if _watchdog is not None else "celery",
+        time_limits_by="samseg.ops.watchdog" if _watchdog is not None else "celery",
     )
 
 
 @signals.worker_init.connect
 def _worker_init(**_: Any) -> None:
     """Create the jobs queue, its DLQ and redrive policy before consuming (idempotent)."""
-    from samseg.health import reset as reset_health
-    from samseg.sqs import JobQueues
+    from samseg.ops.health import reset as reset_health
+    from samseg.queue.sqs import JobQueues
+    from samseg.queue.visibility import check_visibility
     from samseg.stores import build_stores
-    from samseg.visibility import check_visibility
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)  # worker_init comes before setup_logging
@@ -197,7 +197,7 @@ def ensure_stores(settings: Settings, stores: Stores) -> None:
 
 def _check_callback_transport(settings: Settings) -> None:
     """Warn about callbacks that go nowhere or in clear text; refuse to start if https is required."""
-    from samseg.notify import InsecureCallbackError, check_callback_transport
+    from samseg.transfer.callbacks import InsecureCallbackError, check_callback_transport
 
     try:
         for problem in check_callback_transport(settings):
@@ -209,7 +209,7 @@ def _check_callback_transport(settings: Settings) -> None:
 
 def _ensure_weights(settings: Settings) -> None:
     """A worker that will segment has its checkpoint before it consumes (downloaded once per host, locked)."""
-    from samseg.weights import WeightsError, ensure_configured
+    from samseg.runtime.weights import WeightsError, ensure_configured
 
     try:
         path = ensure_configured(settings)
@@ -227,6 +227,6 @@ def _worker_shutdown(**_: Any) -> None:
         _metrics_server.stop()
 
 
-from samseg.ingress import IngressStep  # noqa: E402  (needs `app` above)
+from samseg.worker.ingress import IngressStep  # noqa: E402  (needs `app` above)
 
 app.steps["consumer"].add(IngressStep)

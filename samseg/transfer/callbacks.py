@@ -29,8 +29,8 @@ import httpx
 import structlog
 from standardwebhooks import Webhook
 
-from samseg.contracts import CallbackBody
-from samseg.settings import Settings
+from samseg.core.contracts import CallbackBody
+from samseg.core.settings import Settings
 
 log = structlog.get_logger(__name__)
 

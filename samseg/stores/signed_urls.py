@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 
 from pydantic import SecretStr
 
-from samseg.settings import Settings
+from samseg.core.settings import Settings
 
 Reason = Literal["missing", "malformed", "bad_signature", "expired"]
 _DOMAIN = b"samseg-asset-v1"

@@ -20,10 +20,10 @@ from kombu import Consumer, Queue
 from kombu.message import Message
 from pydantic import ValidationError
 
-from samseg.contracts import UUID_PATTERN, ErrorInfo, JobMessage
-from samseg.logs import bind_job, redact_text, redact_url, unbind_job
-from samseg.settings import Settings, get_settings
-from samseg.sqs import JobQueues
+from samseg.core.contracts import UUID_PATTERN, ErrorInfo, JobMessage
+from samseg.core.logs import bind_job, redact_text, redact_url, unbind_job
+from samseg.core.settings import Settings, get_settings
+from samseg.queue.sqs import JobQueues
 from samseg.stores import Stores, build_stores
 from samseg.stores.jobs import PUBLISH_LEASE_SECONDS, Decision
 
@@ -97,7 +97,7 @@ class IngressHandler:
             unbind_job()
 
     def _accept(self, job: JobMessage, message_id: str | None, message: Message) -> None:
-        from samseg.pipeline import build_chain
+        from samseg.worker.stages import build_chain
 
         claim = self.stores.jobs.claim(job.uuid, message_id)
         if claim.decision is Decision.BUSY:
@@ -141,7 +141,7 @@ class IngressHandler:
 
     def _reject(self, bad: InvalidJob, raw: str, message_id: str | None, message: Message) -> None:
         """Dead-letter a message that is not a job; a readable uuid still gets its `failed` callback."""
-        from samseg.pipeline import notify
+        from samseg.worker.stages import notify
 
         bind_job(bad.uuid, "ingress")
         log.error("ingress_rejected", reason=bad.reason, message_id=message_id, body=redact_text(raw[:300]))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from samseg.contracts import BBox, CallbackBody, Point, Segment
-from samseg.errors import JobError
-from samseg.masks import PackedMasks, encode_packed_png, mask_filename, packed_geometry
+from samseg.core.contracts import BBox, CallbackBody, Point, Segment
+from samseg.core.errors import JobError
+from samseg.core.masks import PackedMasks, encode_packed_png, mask_filename, packed_geometry
 from samseg.stores.blobs import BlobStore, LocalBlobs, Upload
 
 MASK_DIR = "mask_images"

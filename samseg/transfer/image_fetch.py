@@ -27,9 +27,9 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from samseg.errors import JobError
-from samseg.logs import redact_text, redact_url
-from samseg.settings import Settings
+from samseg.core.errors import JobError
+from samseg.core.logs import redact_text, redact_url
+from samseg.core.settings import Settings
 
 # samseg enforces SAMSEG_MAX_IMAGE_PIXELS itself, from the header, before decoding; Pillow's own guard
 # would answer a different error for the same image depending on its size.

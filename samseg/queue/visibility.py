@@ -19,8 +19,8 @@ from typing import Any
 
 import structlog
 
-from samseg.settings import Settings
-from samseg.sqs import sqs_client
+from samseg.core.settings import Settings
+from samseg.queue.sqs import sqs_client
 
 log = structlog.get_logger(__name__)
 
@@ -86,7 +86,7 @@ def check_visibility(settings: Settings) -> list[str]:
     then depend on every keeper round being on time. (A queue whose timeout is longer than configured, e.g.
     created by an older samseg with 3600 s, is brought in line by `JobQueues.ensure` at worker start.)
     """
-    from samseg.sqs import JobQueues
+    from samseg.queue.sqs import JobQueues
 
     problems: list[str] = []
     limit = settings.segment_time_limit_seconds

@@ -18,9 +18,9 @@ from typing import Any
 
 import structlog
 
-from samseg.assets import WORK_ROOT
-from samseg.settings import Settings
+from samseg.core.settings import Settings
 from samseg.stores import Stores
+from samseg.stores.layout import WORK_ROOT
 
 log = structlog.get_logger(__name__)
 

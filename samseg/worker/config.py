@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kombu import Exchange, Queue
 
-from samseg.settings import get_settings
+from samseg.core.settings import get_settings
 
 _s = get_settings()
 
@@ -15,7 +15,7 @@ broker_transport_options = {
     # Applied by kombu only to queues it creates; `samseg queues ensure` sets it on existing ones.
     "visibility_timeout": _s.visibility_timeout_seconds,
     "wait_time_seconds": 10,  # long polling: one ReceiveMessage per 10 s per idle queue, no busy loop
-    # With SAMSEG_SQS_PROMPT_POLLING (samseg/sqs_polling.py) a queue is polled again at once after an empty
+    # With SAMSEG_SQS_PROMPT_POLLING (samseg/queue/polling.py) a queue is polled again at once after an empty
     # long poll and as soon as a prefetch slot frees; this interval is then only the wait after a failed poll
     # and the safety re-check of a queue whose slots are full. Without it, kombu waits this long in both cases.
     "polling_interval": 1,
@@ -25,7 +25,7 @@ broker_transport_options = {
 }
 broker_connection_retry_on_startup = True
 # Publishing the next link of a chain (or a retry) rides out a short SQS outage: ~1 min of retries before the
-# stage gives up and its message is left to SQS's redelivery (samseg.pipeline.StageTask).
+# stage gives up and its message is left to SQS's redelivery (samseg.worker.stages.StageTask).
 task_publish_retry = True
 task_publish_retry_policy = {"max_retries": 15, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0}
 broker_connection_max_retries = None  # keep retrying while SQS is unreachable
@@ -68,7 +68,7 @@ task_time_limit = _s.io_time_limit_seconds  # 360 s by default
 
 beat_schedule = {
     "purge-old-assets": {
-        "task": "samseg.purge",
+        "task": "samseg.stores.purge",
         "schedule": _s.cleanup_interval_seconds,
         # A purge nobody ran within a period is superseded by the next one (at least 5 min of slack).
         "options": {"queue": _s.io_queue, "expires": max(300.0, _s.cleanup_interval_seconds)},

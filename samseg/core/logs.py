@@ -98,7 +98,7 @@ class SecretRedactor:
 
 
 def _configured_secrets() -> list[str]:
-    from samseg.settings import get_settings
+    from samseg.core.settings import get_settings
 
     try:
         return get_settings().secret_values()

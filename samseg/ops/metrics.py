@@ -35,8 +35,8 @@ from typing import Any
 
 import structlog
 
-from samseg.health import pid_alive
-from samseg.settings import get_settings
+from samseg.core.settings import get_settings
+from samseg.ops.health import pid_alive
 
 log = structlog.get_logger(__name__)
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from samseg import aws
-from samseg.settings import Settings
+from samseg.core import aws
+from samseg.core.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -67,7 +67,7 @@ class JobQueues:
         urls = {s.jobs_queue: jobs_url, s.dead_letter_queue: dlq_url}
         for name, dead_letters in s.task_dead_letter_queues.items():
             # Celery's queues: a task message received SAMSEG_TASK_MAX_RECEIVE_COUNT times without being
-            # deleted (its worker died each time) moves to `<queue>-dlq`; samseg.dead_letters reads it back.
+            # deleted (its worker died each time) moves to `<queue>-dlq`; samseg.queue.dead_letters reads it back.
             urls[dead_letters] = self._create(dead_letters, {"MessageRetentionPeriod": str(14 * 24 * 3600)})
             task_redrive = json.dumps(
                 {"deadLetterTargetArn": self.arn(urls[dead_letters]), "maxReceiveCount": str(s.task_max_receive_count)}

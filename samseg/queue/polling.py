@@ -26,7 +26,7 @@ With `apply(True)`:
 
 Each queue keeps exactly one loop: a parked queue has no ReceiveMessage in flight, and only the first of
 (wake-up, safety timer) resumes it. Patches are applied once, only to kombu 5.7.0 (checked), and only in
-processes that call `apply` (samseg.sqs_transport_fix does, from the Celery app module).
+processes that call `apply` (samseg.queue.transport does, from the Celery app module).
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from samseg.errors import JobError
-from samseg.models import ModelLoadError, build_model
-from samseg.settings import Settings
+from samseg.core.errors import JobError
+from samseg.core.settings import Settings
+from samseg.runtime.build import ModelLoadError, build_model
 
 log = structlog.get_logger(__name__)
 
@@ -87,7 +87,7 @@ class Segmenter:
             "min_mask_region_area": s.amg_min_mask_region_area,
         }
         if s.amg_impl == "fast":
-            from samseg.amg import FastMaskGenerator
+            from samseg.runtime.amg import FastMaskGenerator
 
             return FastMaskGenerator(
                 self.model, **params, int8=s.amg_int8, compile=s.amg_compile, half=s.amg_half, prune=s.amg_prune

@@ -19,10 +19,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from samseg.contracts import UUID_PATTERN, CallbackBody
-from samseg.masks import PackedMasks, mask_filename
-from samseg.results import MASK_DIR, RESULT_FILE, write_result
+from samseg.core.contracts import UUID_PATTERN, CallbackBody
+from samseg.core.masks import PackedMasks, mask_filename
 from samseg.stores.blobs import BlobStore
+from samseg.stores.results import MASK_DIR, RESULT_FILE, write_result
 
 WORK_ROOT = ".samseg/work"
 MASK_NAME = re.compile(r"^mask_\d{3,6}\.png$")
