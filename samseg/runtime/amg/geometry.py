@@ -1,0 +1,195 @@
+"""Full-resolution mask statistics from low-resolution logits: the bilinear-upscaling geometry at cell level.
+
+Pure tensor helpers of samseg's AMG (see samseg.runtime.amg): a bilinear output pixel is a convex combination of
+its low-res cell's four corners, so area, box and stability counts need interpolation only where a cell straddles
+a threshold. No model code here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+STABILITY_OFFSET = 1.0  # upstream's stability_score_offset default
+MASK_THRESHOLD = 0.0  # upstream's mask_threshold default
+# Above this boundary fraction a chunk's masks take the dense (upstream-like) full-resolution path.
+DENSE_BOUNDARY_FRACTION = 0.15
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    """Bilinear source indices/weights for one output axis (PyTorch's align_corners=False rule)."""
+
+    i0: Tensor  # int64 [out]
+    i1: Tensor  # int64 [out]
+    w0: Tensor  # float32 [out]
+    w1: Tensor  # float32 [out]
+
+
+def bilinear_axis(in_size: int, out_size: int, device: torch.device | str = "cpu") -> AxisMap:
+    """Source indices and weights that `F.interpolate(mode="bilinear", align_corners=False)` uses.
+
+    Computing them ourselves lets us interpolate only a sub-rectangle of the output with the same
+    arithmetic as upstream's full-size resize.
+    """
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    dst = torch.arange(out_size, dtype=torch.float32)
+    src = ((dst + 0.5) * scale - 0.5).clamp(min=0.0)
+    i0 = src.floor().to(torch.int64).clamp(max=in_size - 1)
+    lam = (src - i0.to(torch.float32)).clamp(0.0, 1.0)
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    return AxisMap(i0.to(device), i1.to(device), (1.0 - lam).to(device), lam.to(device))
+
+
+@dataclass(frozen=True)
+class CellGrid:
+    """How the output pixels of a bilinear upsample group into low-res cells.
+
+    Output pixel (y, x) is a convex combination of the 2x2 low-res values of cell (i0[y], i0[x]), so a
+    cell whose four corners lie on the same side of a threshold decides all its pixels without
+    interpolating them; only cells straddling a threshold (the mask boundary) need real values.
+    """
+
+    ys: AxisMap
+    xs: AxisMap
+    ny: Tensor  # int64 [R]: output rows per cell row
+    nx: Tensor  # int64 [C]
+    y_start: Tensor  # int64 [R]: first output row of each cell row
+    x_start: Tensor  # int64 [C]
+    max_ny: int
+    max_nx: int
+    out_hw: tuple[int, int]
+
+
+def cell_grid(low_hw: tuple[int, int], out_hw: tuple[int, int]) -> CellGrid:
+    """Precompute the cell layout for upsampling `low_hw` logits to `out_hw` (once per image)."""
+    ys, xs = bilinear_axis(low_hw[0], out_hw[0]), bilinear_axis(low_hw[1], out_hw[1])
+    ny = torch.bincount(ys.i0, minlength=low_hw[0])
+    nx = torch.bincount(xs.i0, minlength=low_hw[1])
+    y_start = torch.cumsum(ny, 0) - ny
+    x_start = torch.cumsum(nx, 0) - nx
+    return CellGrid(ys, xs, ny, nx, y_start, x_start, int(ny.max()), int(nx.max()), out_hw)
+
+
+@dataclass
+class CellMasks:
+    """Thresholded full-resolution statistics of a batch of low-res logit maps, without the full maps."""
+
+    counts: Tensor  # int64 [m, len(thresholds)]: pixels strictly above each threshold
+    boxes: Tensor  # int64 [m, 4] XYXY (inclusive) of pixels above the mask threshold; zeros if empty
+    inside: Tensor  # bool [m, R, C]: cells wholly above the mask threshold
+    pos_mask: Tensor  # int64 [P]: which mask each boundary pixel above the mask threshold belongs to
+    pos_flat: Tensor  # int64 [P]: its flat index y * W + x
+
+
+def cell_masks(low: Tensor, grid: CellGrid, thresholds: tuple[float, ...], mask_idx: int) -> CellMasks:
+    """Upstream's `F.interpolate(low, out_hw, "bilinear") > t` statistics, evaluated at cell level.
+
+    `thresholds` must be ascending; `mask_idx` selects the one defining the binary mask. Exact up to
+    float rounding: boundary pixels use PyTorch's formula, other pixels are decided by their corners.
+    """
+    _m, rr, cc = low.shape
+    r1 = torch.clamp(torch.arange(rr) + 1, max=rr - 1)
+    c1 = torch.clamp(torch.arange(cc) + 1, max=cc - 1)
+    right = low[:, :, c1]
+    below, below_right = low[:, r1], right[:, r1]
+    cmin = torch.minimum(torch.minimum(low, right), torch.minimum(below, below_right))
+    cmax = torch.maximum(torch.maximum(low, right), torch.maximum(below, below_right))
+    thr = torch.tensor(thresholds, dtype=low.dtype)
+    band_min = (cmin[..., None] > thr).sum(-1, dtype=torch.int8)
+    band_max = (cmax[..., None] > thr).sum(-1, dtype=torch.int8)
+    real = (grid.ny[:, None] > 0) & (grid.nx[None, :] > 0)
+    mixed = (band_min != band_max) & real
+    settled = (band_min == band_max) & real
+    weight = grid.ny[:, None] * grid.nx[None, :]
+    counts = torch.stack([((settled & (band_min > k)) * weight).sum((1, 2)) for k in range(len(thresholds))], 1)
+    inside = settled & (band_min > mask_idx)
+
+    # Boundary pixels: real values, PyTorch's arithmetic order.
+    mi, ci, cj = mixed.nonzero(as_tuple=True)
+    ar_y, ar_x = torch.arange(grid.max_ny), torch.arange(grid.max_nx)
+    oy = grid.y_start[ci, None] + ar_y  # [K, max_ny]
+    ox = grid.x_start[cj, None] + ar_x
+    valid = (ar_y < grid.ny[ci, None])[:, :, None] & (ar_x < grid.nx[cj, None])[:, None, :]
+    h, w = grid.out_hw
+    oy, ox = oy.clamp(max=h - 1), ox.clamp(max=w - 1)
+    ys, xs = grid.ys, grid.xs
+    y0, y1 = ys.i0[oy][:, :, None], ys.i1[oy][:, :, None]
+    x0, x1 = xs.i0[ox][:, None, :], xs.i1[ox][:, None, :]
+    wx0, wx1 = xs.w0[ox][:, None, :], xs.w1[ox][:, None, :]
+    mm = mi[:, None, None]
+    top = low[mm, y0, x0] * wx0 + low[mm, y0, x1] * wx1
+    bot = low[mm, y1, x0] * wx0 + low[mm, y1, x1] * wx1
+    val = top * ys.w0[oy][:, :, None] + bot * ys.w1[oy][:, :, None]
+    for k, t in enumerate(thresholds):
+        per_cell = ((val > t) & valid).sum((1, 2))
+        counts[:, k].index_add_(0, mi, per_cell)
+
+    # Boxes: settled-inside cells give whole row/column ranges, boundary pixels their own coordinates.
+    big = h + w + 1
+    pos = (val > thresholds[mask_idx]) & valid
+    row_any, col_any = pos.any(2), pos.any(1)  # [K, max_ny], [K, max_nx]
+    y_lo = torch.where(row_any, oy, big).amin(1)
+    y_hi = torch.where(row_any, oy, -1).amax(1)
+    x_lo = torch.where(col_any, ox, big).amin(1)
+    x_hi = torch.where(col_any, ox, -1).amax(1)
+    in_rows, in_cols = inside.any(2), inside.any(1)  # [m, R], [m, C]
+    ry_lo = torch.where(in_rows, grid.y_start, big).amin(1)
+    ry_hi = torch.where(in_rows, grid.y_start + grid.ny - 1, -1).amax(1)
+    cx_lo = torch.where(in_cols, grid.x_start, big).amin(1)
+    cx_hi = torch.where(in_cols, grid.x_start + grid.nx - 1, -1).amax(1)
+    ry_lo = ry_lo.scatter_reduce(0, mi, y_lo, "amin")
+    ry_hi = ry_hi.scatter_reduce(0, mi, y_hi, "amax")
+    cx_lo = cx_lo.scatter_reduce(0, mi, x_lo, "amin")
+    cx_hi = cx_hi.scatter_reduce(0, mi, x_hi, "amax")
+    boxes = torch.stack([cx_lo, ry_lo, cx_hi, ry_hi], 1)
+    boxes = torch.where((ry_hi >= 0)[:, None], boxes, 0)
+
+    kk, a, b = pos.nonzero(as_tuple=True)
+    return CellMasks(counts, boxes, inside, mi[kk], oy[kk, a] * w + ox[kk, b])
+
+
+def boundary_fraction(low: Tensor, thresholds: tuple[float, ...]) -> Tensor:
+    """Per map, the fraction of low-res cells whose corners straddle a threshold.
+
+    Smooth logits (trained weights) have a thin boundary and `cell_masks` is cheap; noisy logits
+    (random weights) are all boundary and the dense upsample of `dense_masks` is faster.
+    """
+    lo = torch.minimum(low[:, :-1], low[:, 1:])
+    hi = torch.maximum(low[:, :-1], low[:, 1:])
+    frac = torch.zeros(low.shape[0])
+    for t in thresholds:
+        frac = torch.maximum(frac, ((lo <= t) & (hi > t)).float().mean((1, 2)))
+    return frac
+
+
+def dense_masks(
+    low: Tensor, out_hw: tuple[int, int], thresholds: tuple[float, ...], mask_idx: int, chunk: int = 4
+) -> tuple[Tensor, Tensor, list[np.ndarray]]:
+    """Upstream's path (one full-size bilinear resize), in small chunks: counts, boxes, packed masks."""
+    from sam2.utils.amg import batched_mask_to_box
+
+    counts: list[Tensor] = []
+    boxes: list[Tensor] = []
+    packed: list[np.ndarray] = []
+    for part in torch.split(low, chunk):
+        up = F.interpolate(part[:, None], out_hw, mode="bilinear", align_corners=False)[:, 0]
+        counts.append(torch.stack([(up > t).sum((1, 2)) for t in thresholds], 1).cpu())
+        binary = up > thresholds[mask_idx]
+        boxes.append(batched_mask_to_box(binary).long().cpu())
+        flat = binary.cpu().numpy().reshape(len(part), -1)
+        packed.extend(np.packbits(flat, axis=1))
+    if not counts:
+        return torch.zeros(0, len(thresholds), dtype=torch.int64), torch.zeros(0, 4, dtype=torch.int64), []
+    return torch.cat(counts), torch.cat(boxes), packed
+
+
+def paint_mask(inside: Tensor, pos_flat: Tensor, grid: CellGrid) -> np.ndarray:
+    """Full-resolution bool mask from one mask's inside cells and boundary pixels above threshold."""
+    seg = inside[grid.ys.i0][:, grid.xs.i0].numpy().copy()
+    seg.reshape(-1)[pos_flat.numpy()] = True
+    return seg
