@@ -75,7 +75,7 @@ def test_job_completes_with_masks_that_match_the_callback(make_stack, http_serve
     lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
     about_job = [line for line in lines if uuid in json.dumps(line)]
     tasks_seen = {line.get("task") for line in about_job}
-    assert {"ingress", "samseg.download", "samseg.segment", "samseg.persist", "samseg.transfer.callbacks"} <= tasks_seen
+    assert {"ingress", "samseg.download", "samseg.segment", "samseg.persist", "samseg.notify"} <= tasks_seen
     for line in about_job:
         assert line.get("job_uuid") == uuid and line.get("task"), line
 

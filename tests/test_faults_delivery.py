@@ -356,7 +356,7 @@ def test_sqs_outage_worker_survives_idles_and_reconnects(make_stack, moto_url, h
 
 def test_purge_running_throughout_a_job_never_touches_its_unfinished_work(make_stack, http_server, app_server):
     """Fault: the purge runs continuously while a real job goes through every stage — beat schedules
-    `samseg.stores.purge` every 2 s on the worker, and the test process runs samseg's own purge (purge_expired, with
+    `samseg.purge` every 2 s on the worker, and the test process runs samseg's own purge (purge_expired, with
     the stores the factory builds from the stack's settings) in a tight loop. Planted leftovers — an expired
     finished job with its folder, and an abandoned work folder of a run nobody knows — prove the purge is
     live. Outcome: both go, the live job's work files are untouched, the job completes, and at the moment its
@@ -558,7 +558,7 @@ def test_purge_keeps_the_state_of_a_job_waiting_in_a_gpu_backlog(make_stack, htt
     assert (work / "source").is_file()
 
     later = time.time() + ttl + VISIBILITY + 1
-    purge_expired(stores, settings, now=later)  # what samseg.stores.purge does then, on the stack's own stores
+    purge_expired(stores, settings, now=later)  # what samseg.purge does then, on the stack's own stores
     kept = {"work": (work / "source").is_file(), "record": stores.jobs.get(uuid).run_id == run_id}
 
     stack.send_raw(raw)  # SQS delivers it again / the app server retries

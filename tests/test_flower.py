@@ -64,8 +64,8 @@ def _poll(what: str, probe: Callable[[], Any], timeout: float, interval: float =
 
 
 def _call_purge(stack: Any) -> str:
-    """Send one real `samseg.stores.purge` task the way any client would (`celery call`); return its id."""
-    proc = stack.start("call", CELERY, "-A", "samseg", "call", "samseg.stores.purge")
+    """Send one real `samseg.purge` task the way any client would (`celery call`); return its id."""
+    proc = stack.start("call", CELERY, "-A", "samseg", "call", "samseg.purge")
     assert proc.popen.wait(60) == 0, proc.output()
     ids = UUID_RE.findall(proc.output())
     assert ids, proc.output()
@@ -103,7 +103,7 @@ def test_flower_shows_worker_online_and_task_succeeded_over_sqs(make_stack, moto
         return info if info.get("state") == "SUCCESS" else None
 
     info = _poll("task SUCCESS in Flower", task_state, timeout=30)
-    assert info["name"] == "samseg.stores.purge" and info["worker"] == worker_name
+    assert info["name"] == "samseg.purge" and info["worker"] == worker_name
     listed = httpx.get(flower + "/api/tasks", timeout=5).json()
     assert listed[task_id]["state"] == "SUCCESS"
 

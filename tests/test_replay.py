@@ -38,7 +38,7 @@ def test_redelivered_stages_of_a_finished_run_are_passed_through(make_stack, htt
         "mask_count": len(done["segments"]),
     }
     prefix = stack.env["SAMSEG_QUEUE_PREFIX"]
-    for task, queue in [("samseg.persist", "io"), ("samseg.segment", "gpu"), ("samseg.transfer.callbacks", "io")]:
+    for task, queue in [("samseg.persist", "io"), ("samseg.segment", "gpu"), ("samseg.notify", "io")]:
         subprocess.run(
             [
                 str(VENV_BIN / "celery"),

@@ -117,7 +117,7 @@ def test_a_hook_that_hangs_does_not_keep_the_process_alive():
     never = threading.Event()
     watchdog = StageWatchdog(lambda task: never.wait(), interval=0.05, hook_timeout=0.5, exit_process=exits.append)
     watchdog.start()
-    watchdog.task_started("t3", "samseg.transfer.callbacks", soft=None, hard=0.1)  # this thread stands in for the task
+    watchdog.task_started("t3", "samseg.notify", soft=None, hard=0.1)  # this thread stands in for the task
     wait_until(lambda: exits, 10, "the exit despite a hung hook")
     assert exits == [EXIT_HARD_TIMEOUT]
     watchdog.task_finished("t3")

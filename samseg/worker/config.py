@@ -68,7 +68,7 @@ task_time_limit = _s.io_time_limit_seconds  # 360 s by default
 
 beat_schedule = {
     "purge-old-assets": {
-        "task": "samseg.stores.purge",
+        "task": "samseg.purge",
         "schedule": _s.cleanup_interval_seconds,
         # A purge nobody ran within a period is superseded by the next one (at least 5 min of slack).
         "options": {"queue": _s.io_queue, "expires": max(300.0, _s.cleanup_interval_seconds)},
