@@ -107,9 +107,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_queues_sweep_events(args: argparse.Namespace, settings: Settings) -> int:
     from samseg.queue.events import sweep_event_queues
-    from samseg.worker.app import app
+    from samseg.worker.app import get_app
 
-    for name in sweep_event_queues(app, settings, min_backlog=args.min_backlog):
+    for name in sweep_event_queues(get_app(), settings, min_backlog=args.min_backlog):
         print(f"deleted {name}")
     return 0
 

@@ -16,9 +16,11 @@ from tests.faults_support import wait_until
 from tests.support import VENV_BIN
 
 PUBLISH = """
+import samseg
 from samseg.core.contracts import JobMessage
-from samseg.worker.stages import build_chain, segment
-build_chain(JobMessage(uuid="dead-1", image_url="http://127.0.0.1:9/x.png"), "run-1").apply_async()
+from samseg.worker.chain import build_chain
+from samseg.worker.stages import segment
+build_chain(samseg.app, JobMessage(uuid="dead-1", image_url="http://127.0.0.1:9/x.png"), "run-1").apply_async()
 segment.s({"uuid": "dead-2", "run_id": "run-2", "width": 4, "height": 3}).set(task_id="dead-2.segment").apply_async()
 """
 

@@ -181,18 +181,26 @@ def test_a_backlog_drains_without_holding_more_than_the_prefetch_limit(
         assert task_received(worker, uuid, "segment") == 1
 
 
-def test_prompt_polling_is_version_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The patch is for kombu 5.7.0's Channel only: any other version (or the switch off) leaves kombu alone."""
+def test_prompt_polling_is_version_guarded(monkeypatch: pytest.MonkeyPatch, moto_url: str) -> None:
+    """samseg's Channel is written for kombu 5.7.0: on any other version (or with the switch off) it behaves as
+    kombu's own — no prompt polling, no raw-queue handling."""
     import kombu
-    from kombu.transport.SQS import Channel
+    from kombu import Connection
 
-    from samseg.queue import polling as sqs_polling
+    from samseg.queue.transport import TRANSPORT
 
-    assert sqs_polling.apply(False) is False
+    def channel(prompt: bool) -> Any:
+        options = {"region": "us-east-1", "samseg_prompt_polling": prompt, "samseg_raw_queues": ["jobs"]}
+        url = moto_url.replace("http://", "sqs://k:s@")
+        conn = Connection(url, transport=TRANSPORT, transport_options={**options, "is_secure": False})
+        return conn.default_channel
+
+    on = channel(True)
+    assert on._samseg_fixed and on._samseg_prompt and on._samseg_raw_queues == {"jobs"}
+    assert not channel(False)._samseg_prompt
     monkeypatch.setattr(kombu, "__version__", "5.8.0")
-    before = Channel._schedule_queue
-    assert sqs_polling.apply(True) is False
-    assert Channel._schedule_queue is before
+    other = channel(True)
+    assert not other._samseg_fixed and not other._samseg_prompt
 
 
 def test_gpu_worker_pool_warms_the_model_and_reports_ready(make_stack: Any) -> None:

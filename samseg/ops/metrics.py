@@ -5,7 +5,7 @@ Its files are named `{type}_{pid}.db`, and containers have their own PID namespa
 shared between hosts or containers would mix equal PIDs of different processes (issue 8). Instead:
 
 - A *process tree* is a worker's main process with its pool children, or one API process. The first samseg
-  process of a tree to import this module (its root) makes a directory of its own,
+  process of a tree to call `setup` (its root: the entry points do, before any fork) makes a directory of its own,
   `{SAMSEG_METRICS_DIR}/{pid namespace}/{root pid}` (by default under the system temp dir, never the assets
   volume), empties it, and points PROMETHEUS_MULTIPROC_DIR at it; children forked from the root inherit it.
   The root also removes directories of dead roots *in its own PID namespace* (their PIDs can be checked);
@@ -15,8 +15,9 @@ shared between hosts or containers would mix equal PIDs of different processes (
   scrapes every worker and the API (config/prometheus.yml) and sums across targets.
 
 prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is first imported, and the `celery` command has
-usually imported it already (Flower's CLI plugin does), so this module sets the variable and then makes
-prometheus_client choose its value class again; metrics created afterwards are multiprocess ones.
+usually imported it already (Flower's CLI plugin does), so `setup` sets the variable and then makes
+prometheus_client choose its value class again; the instruments (`instruments()`) are created after that, on
+first use, so they are multiprocess ones. Importing this module does nothing.
 """
 
 from __future__ import annotations
@@ -34,8 +35,19 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from samseg.core.settings import get_settings
+from samseg.core.settings import Settings, get_settings
 from samseg.ops.health import pid_alive
 
 log = structlog.get_logger(__name__)
@@ -52,19 +64,19 @@ def pid_namespace() -> str:
     return link.partition("[")[2].rstrip("]") or "host"
 
 
-def base_dir() -> Path:
-    configured = get_settings().metrics_dir
+def base_dir(settings: Settings) -> Path:
+    configured = settings.metrics_dir
     return configured if configured is not None else Path(tempfile.gettempdir()) / "samseg-metrics"
 
 
-def _claim_tree_dir() -> Path:
+def _claim_tree_dir(settings: Settings) -> Path:
     """This tree's samples directory: inherited from the root, or made (empty) if this process is the root."""
     inherited = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     root = os.environ.get(_ROOT_ENV, "")
     if inherited and root.isdigit() and int(root) in {os.getpid(), os.getppid()}:
         return Path(inherited)
     pid = os.getpid()
-    namespace_dir = base_dir() / pid_namespace()
+    namespace_dir = base_dir(settings) / pid_namespace()
     mine = namespace_dir / str(pid)
     namespace_dir.mkdir(parents=True, exist_ok=True)
     for entry in namespace_dir.iterdir():
@@ -83,43 +95,64 @@ def _remove_tree_dir(path: Path, root_pid: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-TREE_DIR = _claim_tree_dir()
-
-from prometheus_client import (  # noqa: E402  (after the environment variable above)
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-    multiprocess,
-    start_http_server,
-    values,
-)
-from prometheus_client.core import GaugeMetricFamily, Metric  # noqa: E402
-from prometheus_client.registry import Collector  # noqa: E402
-
-values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
-
 STAGES = ("download", "segment", "persist", "notify")
 
-JOBS = Counter("samseg_jobs_total", "Jobs finished, by outcome", ["outcome"])
-STAGE_SECONDS = Histogram(
-    "samseg_stage_duration_seconds",
-    "Time spent in each stage of a job",
-    ["stage"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
-)
-MASKS_PER_JOB = Histogram(
-    "samseg_masks_per_job",
-    "Masks written per completed job",
-    buckets=(0, 1, 5, 10, 25, 50, 100, 200, 500, 1000, 3000),
-)
-CALLBACKS = Counter("samseg_callbacks_total", "Callbacks to the app server, by final result", ["result"])
+_lock = threading.Lock()
+_tree_dir: Path | None = None
+_instruments: Instruments | None = None
+
+
+def setup(settings: Settings | None = None) -> Path:
+    """Claim this process tree's samples directory (once per process) and switch prometheus_client to it.
+
+    Entry points call it first thing (worker start before the pool forks, the API's create_app); anything that
+    records a sample before that gets it here, with the process's Settings.
+    """
+    global _tree_dir
+    with _lock:
+        if _tree_dir is None:
+            _tree_dir = _claim_tree_dir(settings or get_settings())
+            values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+        return _tree_dir
+
+
+@dataclass(frozen=True)
+class Instruments:
+    """samseg's own metrics, created once per process after `setup` (so they are multiprocess ones)."""
+
+    jobs: Counter
+    stage_seconds: Histogram
+    masks_per_job: Histogram
+    callbacks: Counter
+
+
+def instruments() -> Instruments:
+    global _instruments
+    setup()
+    with _lock:
+        if _instruments is None:
+            _instruments = Instruments(
+                jobs=Counter("samseg_jobs_total", "Jobs finished, by outcome", ["outcome"]),
+                stage_seconds=Histogram(
+                    "samseg_stage_duration_seconds",
+                    "Time spent in each stage of a job",
+                    ["stage"],
+                    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+                ),
+                masks_per_job=Histogram(
+                    "samseg_masks_per_job",
+                    "Masks written per completed job",
+                    buckets=(0, 1, 5, 10, 25, 50, 100, 200, 500, 1000, 3000),
+                ),
+                callbacks=Counter("samseg_callbacks_total", "Callbacks to the app server, by final result", ["result"]),
+            )
+        return _instruments
 
 
 def tree_registry(*extra: Collector) -> CollectorRegistry:
     """A registry of this process tree's samples (every process of it) plus `extra` collectors."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(TREE_DIR))  # type: ignore[no-untyped-call]
+    multiprocess.MultiProcessCollector(registry, path=str(setup()))  # type: ignore[no-untyped-call]
     for collector in extra:
         registry.register(collector)
     return registry
@@ -130,7 +163,7 @@ def render(*extra: Collector) -> bytes:
 
 
 def process_exited(pid: int) -> None:
-    multiprocess.mark_process_dead(pid, path=str(TREE_DIR))  # type: ignore[no-untyped-call]
+    multiprocess.mark_process_dead(pid, path=str(setup()))  # type: ignore[no-untyped-call]
 
 
 # --- a worker's own /metrics -----------------------------------------------------------------------------
@@ -157,7 +190,7 @@ def serve(port: int, host: str) -> MetricsServer | None:
         log.error("metrics_server_failed", port=port, host=host, error=repr(exc))
         return None
     bound = int(server.server_address[1])
-    log.info("metrics_serving", url=f"http://{host}:{bound}/metrics", samples_dir=str(TREE_DIR))
+    log.info("metrics_serving", url=f"http://{host}:{bound}/metrics", samples_dir=str(setup()))
     return MetricsServer(bound, server, thread)
 
 

@@ -248,28 +248,6 @@ def held_message(request: Any) -> tuple[str, str] | None:
     return str(queue_url), str(receipt)
 
 
-# --- the hook the worker runs at a hard timeout ----------------------------------------------------------
-_hard_timeout_hooks: list[Callable[[RunningTask], None]] = []
-
-
-def on_hard_timeout(hook: Callable[[RunningTask], None]) -> Callable[[RunningTask], None]:
-    """Register `hook(task)` to run (in registration order) when a task passes its hard limit; a decorator.
-
-    The job's side of it belongs here: mark it failed (`timeout`), queue its `failed` callback, acknowledge
-    its message (`held_message(task.request)`). Each hook is bounded by the watchdog's hook_timeout in all.
-    """
-    _hard_timeout_hooks.append(hook)
-    return hook
-
-
-def run_hard_timeout_hooks(task: RunningTask) -> None:
-    for hook in list(_hard_timeout_hooks):
-        try:
-            hook(task)
-        except Exception as exc:
-            log.error("hard_timeout_hook_failed", hook=getattr(hook, "__name__", repr(hook)), error=repr(exc))
-
-
 def watches_pool(pool_cls: Any) -> bool:
     """True for the pools Celery enforces no time limit in (solo, threads, and pools built on them such as
     samseg.worker.pool.ModelThreadPool, the GPU worker's); prefork enforces its own."""
@@ -303,16 +281,19 @@ def release_held_messages(client: Any, requests: list[Any]) -> int:
     return released
 
 
-def worker_hard_timeout(settings: Settings, threads: list[Any]) -> Callable[[RunningTask], None]:
+def worker_hard_timeout(
+    settings: Settings, threads: list[Any], hooks: list[Callable[[RunningTask], None]]
+) -> Callable[[RunningTask], None]:
     """The `on_hard_timeout` of a solo/threads worker (samseg.worker.app): in this order, before the exit,
 
-    report unhealthy at once (one heartbeat now), stop the visibility keeper, run the registered hooks
-    (`on_hard_timeout`), then release every message the worker still holds (`release_held_messages`).
-    `threads` is the worker's list of helper threads (heartbeat, visibility keeper, ...).
+    report unhealthy at once (one heartbeat now), stop the visibility keeper, run `hooks` (in order; the job's
+    side of it: mark it failed (`timeout`), queue its `failed` callback, acknowledge its message — see
+    samseg.worker.failure.hung_task_hook), then release every message the worker still holds
+    (`release_held_messages`). `threads` is the worker's list of helper threads (heartbeat, visibility keeper).
     """
     from samseg.ops.health import Heartbeat
     from samseg.queue.sqs import probe_client
-    from samseg.queue.visibility import VisibilityKeeper, _snapshot
+    from samseg.queue.visibility import VisibilityKeeper, snapshot
 
     client = probe_client(settings)  # made now: at the timeout there may be no time to build one
 
@@ -324,8 +305,12 @@ def worker_hard_timeout(settings: Settings, threads: list[Any]) -> Callable[[Run
                 thread.beat()
             if isinstance(thread, VisibilityKeeper):
                 thread.stop()
-        run_hard_timeout_hooks(task)
-        released = release_held_messages(client, _snapshot(state.reserved_requests))
+        for hook in hooks:
+            try:
+                hook(task)
+            except Exception as exc:
+                log.error("hard_timeout_hook_failed", hook=getattr(hook, "__name__", repr(hook)), error=repr(exc))
+        released = release_held_messages(client, snapshot(state.reserved_requests))
         log.info("held_messages_released", count=released)
 
     return hard_timeout

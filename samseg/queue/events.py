@@ -18,7 +18,7 @@ subscribed to the topic (raw message delivery) when its consumer starts.
 2. Patch `get_exchange` (where the event dispatcher and receiver look it up) to return a `fanout` exchange
    on SQS when `supports_fanout` is set: the worker then publishes each event to the SNS topic, and each
    Flower subscribes its own SQS queue to it.
-3. Patch `kombu.transport.SQS.Channel._delete_message` (the no-ack path) to delete through the synchronous
+3. (samseg.queue.transport's Channel, not a patch) the no-ack delete goes through the synchronous
    boto3 client when the channel has no event loop. Flower consumes events synchronously with no kombu hub,
    and kombu deletes no-ack messages through its pycurl client, which needs a hub: it fails with
    `'NoneType' object has no attribute 'on_close'` on the first event (kombu issues #746/#758 are the same
@@ -122,7 +122,6 @@ def enable_sqs_events(app: Celery, settings: Settings) -> None:
         worker_enable_remote_control=False,  # no replies on SQS (see module docstring, 4.)
     )
     _patch_event_exchange()
-    _patch_sync_noack_delete()
     _patch_receiver_cleanup(app)
     logger.info("sqs_events_enabled: SNS topic %s, event queues %sceleryev-*", event_exchange_name(settings), prefix)
 
@@ -210,31 +209,6 @@ def _patch_event_exchange() -> None:
     for module in (event, events_pkg, dispatcher, receiver):
         if getattr(module, "get_exchange", None) is original:
             module.get_exchange = get_exchange
-
-
-def _patch_sync_noack_delete() -> None:
-    """Patch 3: delete no-ack messages through the blocking boto3 client when there is no event loop.
-
-    kombu 5.7 always uses `asynsqs()` (pycurl, needs a hub) in `Channel._delete_message`. Without a hub
-    (Flower's event capture, any synchronous ConsumerMixin) that raises on the first message.
-    """
-    from kombu.transport.SQS import Channel
-
-    original = Channel._delete_message
-    if getattr(original, _MARK, False):
-        return
-
-    @functools.wraps(original)
-    def _delete_message(self: Any, queue_name: str, message: Any) -> Any:
-        if self.hub is not None:
-            return original(self, queue_name, message)
-        self.sqs(queue=queue_name).delete_message(
-            QueueUrl=self._new_queue(queue_name), ReceiptHandle=message["ReceiptHandle"]
-        )
-        return None
-
-    setattr(_delete_message, _MARK, True)
-    Channel._delete_message = _delete_message
 
 
 def _patch_receiver_cleanup(app: Celery) -> None:

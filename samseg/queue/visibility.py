@@ -44,7 +44,7 @@ class VisibilityKeeper(threading.Thread):
         from celery.worker import state
 
         extended = 0
-        for request in _snapshot(state.reserved_requests):
+        for request in snapshot(state.reserved_requests):
             message = getattr(request, "message", None)
             info = getattr(message, "delivery_info", None) or {}
             queue_url = info.get("sqs_queue")
@@ -64,7 +64,7 @@ class VisibilityKeeper(threading.Thread):
         self._stop.set()
 
 
-def _snapshot(requests: Any) -> list[Any]:
+def snapshot(requests: Any) -> list[Any]:
     """The worker's set changes under us; retry the copy rather than lock the event loop."""
     for _ in range(5):
         try:

@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 import structlog
-from celery import bootsteps
+from celery import Celery, bootsteps
 from kombu import Consumer, Queue
 from kombu.message import Message
 from pydantic import ValidationError
@@ -26,6 +26,7 @@ from samseg.core.settings import Settings, get_settings
 from samseg.queue.sqs import JobQueues
 from samseg.stores import Stores, build_stores
 from samseg.stores.jobs import PUBLISH_LEASE_SECONDS, Decision
+from samseg.worker.chain import build_chain, queue_failed_callback
 
 log = structlog.get_logger(__name__)
 
@@ -71,7 +72,8 @@ def parse_job(raw: str) -> JobMessage:
 class IngressHandler:
     """Turns one jobs-queue message into a published chain (or a dead letter), then acknowledges it."""
 
-    def __init__(self, settings: Settings, stores: Stores, queues: JobQueues) -> None:
+    def __init__(self, app: Celery, settings: Settings, stores: Stores, queues: JobQueues) -> None:
+        self.app = app
         self.settings = settings
         self.stores = stores
         self.queues = queues
@@ -97,8 +99,6 @@ class IngressHandler:
             unbind_job()
 
     def _accept(self, job: JobMessage, message_id: str | None, message: Message) -> None:
-        from samseg.worker.stages import build_chain
-
         claim = self.stores.jobs.claim(job.uuid, message_id)
         if claim.decision is Decision.BUSY:
             # The same SQS message is being published by another consumer right now (SQS delivered it twice):
@@ -115,7 +115,7 @@ class IngressHandler:
             )
             message.ack()
             return
-        build_chain(job, claim.run_id).apply_async()
+        build_chain(self.app, job, claim.run_id).apply_async()
         self.stores.jobs.mark_published(job.uuid, claim.run_id)
         message.ack()
         log.info("job_accepted", image_url=redact_url(job.image_url), message_id=message_id, run_id=claim.run_id)
@@ -141,8 +141,6 @@ class IngressHandler:
 
     def _reject(self, bad: InvalidJob, raw: str, message_id: str | None, message: Message) -> None:
         """Dead-letter a message that is not a job; a readable uuid still gets its `failed` callback."""
-        from samseg.worker.stages import notify
-
         bind_job(bad.uuid, "ingress")
         log.error("ingress_rejected", reason=bad.reason, message_id=message_id, body=redact_text(raw[:300]))
         try:
@@ -150,9 +148,8 @@ class IngressHandler:
             # A failed run of its own, only if the uuid has no record: a malformed copy never touches a real job.
             error = ErrorInfo(code="invalid_job", message=bad.reason)
             record = self.stores.jobs.record_invalid(bad.uuid, error) if bad.uuid else None
-            if record is not None:
-                payload = {"uuid": record.uuid, "run_id": record.run_id, "error": error.model_dump()}
-                notify.apply_async((payload,), task_id=f"{record.uuid}.notify")
+            if record is not None and record.run_id:
+                queue_failed_callback(self.app, record.uuid, record.run_id, error)
         except Exception as exc:  # SQS down: keep the message, it comes back after a backoff
             log.warning("ingress_dead_letter_failed", error=repr(exc))
             self._release(message, retry_delay(1))
@@ -184,12 +181,13 @@ class IngressStep(bootsteps.ConsumerStep):  # type: ignore[misc]
             # Named in -Q only to switch ingress on: Celery's task consumer must not read raw JSON.
             queues.deselect([settings.jobs_queue])
         self.settings = settings
+        self.app = parent.app
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         if not self.enabled:
             return []
         queue = Queue(self.settings.jobs_queue, no_declare=False)
-        handler = IngressHandler(self.settings, build_stores(self.settings), JobQueues(self.settings))
+        handler = IngressHandler(self.app, self.settings, build_stores(self.settings), JobQueues(self.settings))
         log.info("ingress_consuming", queue=self.settings.jobs_queue)
         # on_message hands over the undecoded message (bodies are parsed by samseg, never by kombu), so a
         # body kombu cannot decode still reaches the handler and is dead-lettered instead of raising.

@@ -1,0 +1,130 @@
+"""What every samseg task shares: Settings, the stores (one set per worker process), retries through outages,
+and the mapping of failures to the error codes an app server sees.
+
+Tasks pass a small dict (`uuid`, `image_url`, `run_id`, image size, counts) — never pixels: SQS messages are
+capped at 256 KiB, so the image and the masks travel as work files in the blob store, keyed by run
+(`.samseg/work/{uuid}/{run_id}/…`), which every host reaches (a local directory on one host, S3 on several).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import structlog
+from billiard.exceptions import TimeLimitExceeded
+from botocore.exceptions import BotoCoreError, ClientError
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
+
+from samseg.core.contracts import ErrorInfo, JobState, Stage
+from samseg.core.errors import JobError, is_transient
+from samseg.core.settings import Settings, get_settings
+from samseg.stores import Stores, build_stores
+from samseg.stores.layout import work_key
+
+log = structlog.get_logger(__name__)
+
+STAGE_RETRIES = 15
+
+
+class StageTask(Task):  # type: ignore[misc]
+    """Base of samseg's tasks: Settings, the stores built once per worker process (after any fork), and
+    retries through outages.
+
+    A stage that cannot reach SQS, S3 or the job store (samseg.core.errors.is_transient) is not a failed job:
+    it is published again with a growing delay (5 s doubling to 5 min, STAGE_RETRIES times ≈ 1 h) and its
+    message acknowledged. If even that publish fails (SQS itself is down), the acknowledgement fails too and
+    SQS redelivers the message after its visibility timeout. Either way the run resumes where it stopped.
+    """
+
+    _stores: tuple[int, Stores] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except (Retry, Reject, Ignore):
+            raise  # Celery's own control flow (a retry already scheduled), whatever caused it
+        except Exception as exc:
+            if not is_transient(exc) or self.request.called_directly:
+                raise
+            retries = int(self.request.retries or 0)
+            delay = min(300, 5 * 2**retries)
+            log.warning("stage_retry_after_outage", error=repr(exc)[:300], retries=retries, retry_in_seconds=delay)
+            raise self.retry(exc=exc, countdown=delay, max_retries=STAGE_RETRIES) from exc
+
+    @property
+    def settings(self) -> Settings:
+        return get_settings()
+
+    @property
+    def stores(self) -> Stores:
+        """One set per process, shared by every stage task (set on StageTask itself, not on each task class)."""
+        cached = StageTask._stores
+        if cached is None or cached[0] != os.getpid():
+            cached = StageTask._stores = (os.getpid(), build_stores(self.settings))
+        return cached[1]
+
+    def enter(self, job: dict[str, Any], stage: Stage) -> bool:
+        """Record that `stage` of the job's run starts; False (and the chain stops here) if the store refuses.
+
+        Refused: the record belongs to another run (this one was replaced), or the run already went past
+        this stage — SQS delivered the message again after its work was done. Running it again would
+        redo finished work and publish the rest of the chain a second time.
+        """
+        if self.stores.jobs.advance(job["uuid"], job["run_id"], JobState.RUNNING, stage):
+            return True
+        record = self.stores.jobs.get(job["uuid"])
+        log.info(
+            "stage_skipped",
+            run_id=job["run_id"],
+            current_run=record.run_id if record else None,
+            current_status=record.status.value if record else None,
+            current_stage=record.stage.value if record and record.stage else None,
+        )
+        self.request.chain = None  # Celery publishes the next link from this after the task returns
+        return False
+
+    @contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A host-local temporary folder for files on their way to or from the blob store."""
+        root = self.settings.scratch_dir
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as folder:
+            yield Path(folder)
+
+    def fetch_work(self, job: dict[str, Any], name: str, dest: Path) -> Path:
+        if not self.stores.blobs.get_file(work_key(job["uuid"], job["run_id"], name), dest):
+            raise JobError("work_missing", f"the run's work file {name} is gone (purged, or another run replaced it)")
+        return dest
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """The code and message an app server sees for an exception that ended a run."""
+    if isinstance(exc, JobError):
+        return ErrorInfo(code=exc.code, message=exc.message)
+    if isinstance(exc, SoftTimeLimitExceeded | TimeLimitExceeded):
+        return ErrorInfo(code="timeout", message=f"the task ran past its time limit ({exc!r})")
+    return ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}")
+
+
+@contextmanager
+def storage_errors() -> Iterator[None]:
+    """Blob-store failures as job errors with a code the app server can act on."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise JobError("disk_full", f"no space left for the job's files: {exc}") from exc
+        if is_transient(exc):
+            raise  # an outage: the stage is retried (StageTask.__call__)
+        raise JobError("storage_error", f"cannot read or write the job's files: {exc}") from exc
+    except (ClientError, BotoCoreError) as exc:
+        if is_transient(exc):
+            raise
+        raise JobError("storage_error", f"the object store refused the request: {exc}") from exc
