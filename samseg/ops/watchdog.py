@@ -7,7 +7,7 @@ keeps a job `running` forever while the visibility keeper extends its message an
 The worker's main process — where solo and threads pools run their tasks — tracks every running task
 (task_prerun / task_postrun, wired in samseg.worker.app) with the deadlines Celery itself would use: the
 message's `timelimit` header, else the task's `time_limit` / `soft_time_limit` (for samseg's io tasks,
-`SAMSEG_IO_TIME_LIMIT_SECONDS` via celeryconfig; segment and notify set their own). A thread checks them:
+`SAMSEG_IO_TIME_LIMIT_SECONDS` via samseg.worker.config; segment and notify set their own). A thread checks them:
 
 - **Soft deadline:** `SoftTimeLimitExceeded` is raised in the task's own thread (CPython's
   `PyThreadState_SetAsyncExc`). That works wherever Python code runs — a loop, a socket that returns data

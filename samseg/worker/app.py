@@ -1,4 +1,4 @@
-"""The Celery application: configuration from celeryconfig.py, the ingress step, logging and hooks."""
+"""The Celery application: configuration from samseg.worker.config, the ingress step, logging and hooks."""
 
 from __future__ import annotations
 
