@@ -231,7 +231,7 @@ def cmd_segment(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --- up ------------------------------------------------------------------------------------------------------
-# Measured on a 2-core x86_64 machine with sam2.1_hiera_tiny (README, "Performance"): ~3 s for the image
+# Measured on a 2-core x86_64 machine with sam2.1_hiera_tiny (docs/performance.md): ~3 s for the image
 # encoder plus, per grid point, ~0.1 s in upstream's generator and ~0.03 s in samseg's.
 CPU_ENCODER_SECONDS = 3.0
 CPU_SECONDS_PER_POINT = {"upstream": 0.1, "fast": 0.03}

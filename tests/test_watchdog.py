@@ -236,8 +236,8 @@ def test_a_download_stuck_in_a_c_call_ends_the_worker_with_its_own_status(make_s
         "past its hard time limit"
         in json.loads(Path(stack.env["SAMSEG_WORKER_HEARTBEAT_FILE"]).read_text())["problems"][0]
     )
-    # samseg's hook (pipeline._fail_hung_task) ended the run as failed with `timeout`, queued its callback and
-    # acknowledged the stuck message; the next io worker sends that one callback, and nothing is retried.
+    # samseg's hook (samseg.worker.failure.hung_task_hook) ended the run as failed with `timeout`, queued its
+    # callback and acknowledged the stuck message; the next io worker sends that one callback, nothing is retried.
     replacement = _io_worker(stack, pool, name="io-2")
     (patch,) = app_server.wait_for(lambda r: r.method == "PATCH" and r.path.endswith("/stuck-1"), timeout=60)
     assert patch.json()["status"] == "failed" and patch.json()["error"]["code"] == "timeout"

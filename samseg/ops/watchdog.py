@@ -7,7 +7,7 @@ keeps a job `running` forever while the visibility keeper extends its message an
 The worker's main process — where solo and threads pools run their tasks — tracks every running task
 (task_prerun / task_postrun, wired in samseg.worker.app) with the deadlines Celery itself would use: the
 message's `timelimit` header, else the task's `time_limit` / `soft_time_limit` (for samseg's io tasks,
-`SAMSEG_IO_TIME_LIMIT_SECONDS` via celeryconfig; segment and notify set their own). A thread checks them:
+`SAMSEG_IO_TIME_LIMIT_SECONDS` via samseg.worker.config; segment and notify set their own). A thread checks them:
 
 - **Soft deadline:** `SoftTimeLimitExceeded` is raised in the task's own thread (CPython's
   `PyThreadState_SetAsyncExc`). That works wherever Python code runs — a loop, a socket that returns data
@@ -284,7 +284,7 @@ def release_held_messages(client: Any, requests: list[Any]) -> int:
 def worker_hard_timeout(
     settings: Settings, threads: list[Any], hooks: list[Callable[[RunningTask], None]]
 ) -> Callable[[RunningTask], None]:
-    """The `on_hard_timeout` of a solo/threads worker (samseg.worker.app): in this order, before the exit,
+    """The `on_hard_timeout` of a solo/threads worker (samseg.worker.services): in this order, before the exit,
 
     report unhealthy at once (one heartbeat now), stop the visibility keeper, run `hooks` (in order; the job's
     side of it: mark it failed (`timeout`), queue its `failed` callback, acknowledge its message — see

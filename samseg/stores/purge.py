@@ -7,7 +7,7 @@
 2. Orphans: a bounded sweep over work folders, starting at a random point of the key space, removes the
    work files of runs that no longer exist (record gone, replaced by another run, or finished) and that have
    not been touched for longer than a stage may take. Whatever a crash leaves behind is found eventually;
-   an S3 lifecycle rule on `.samseg/work/` is the backstop (README, "Several hosts").
+   an S3 lifecycle rule on `.samseg/work/` is the backstop (docs/deployment.md, "Several hosts").
 """
 
 from __future__ import annotations
