@@ -17,6 +17,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +118,10 @@ def cb(moto_url, tiny_checkpoint, tmp_path_factory, app, images) -> Iterator[Dep
 
 
 def final_status(dep: Deployment, app: LoopbackServer, uuid: str) -> dict[str, Any]:
-    """The job's status once its callback delivery finished (first attempt seen, then status final)."""
+    """The job's status once its callback outbox closed (first attempt seen, then the outbox delivered or given
+    up): no attempt can follow a closed outbox, so counting attempts afterwards needs no waiting."""
     wait_callback(app, uuid, JOB_TIMEOUT)
-    job = wait_status(dep.api, uuid, timeout=60)
-    time.sleep(0.5)  # an attempt beyond the limit would arrive within the backoff cap
-    return job
+    return wait_status(dep.api, uuid, timeout=60)
 
 
 def assert_masks_served(dep: Deployment, uuid: str) -> None:
@@ -144,11 +144,11 @@ def test_transient_callback_failures_are_retried_then_reported(uuid, http_status
     (Retry-After: 1, then Retry-After: 3600) / nothing within SAMSEG_CALLBACK_TIMEOUT_SECONDS=2 (it answers
     after 3.5 s).
 
-    Asserts: exactly SAMSEG_CALLBACK_MAX_ATTEMPTS=4 attempts, all with the same `completed` body; the gaps
-    between attempts follow the backoff (full jitter: gap k ≤ min(cap=1 s, 0.2·2^k) + the request itself;
-    Retry-After honoured — ≥ 1 s — and capped at 1 s; a hang costs the 2 s timeout per attempt); then
-    GET /jobs/{uuid} is `failed` with `callback_failed`, `callback.attempts == 4`, the last HTTP status; and the
-    masks are still served (kept until the purge).
+    Asserts: exactly SAMSEG_CALLBACK_MAX_ATTEMPTS=4 attempts (each its own task), all with the same `completed`
+    body; the gaps between attempts follow the backoff (full jitter: gap k ≤ min(cap=1 s, 0.2·2^k) + the request
+    and the hop through SQS; Retry-After honoured — ≥ 1 s — and capped at 1 s; a hang costs the 2 s timeout per
+    attempt); then GET /jobs/{uuid} is `completed` (the masks were published) with the outbox `expired`,
+    `callback_failed` as its error, `callback.attempts == 4`, the last HTTP status; the masks are still served.
     """
     job = final_status(cb, app, uuid)
     attempts = patches(app, uuid)
@@ -156,7 +156,8 @@ def test_transient_callback_failures_are_retried_then_reported(uuid, http_status
     bodies = [r.json() for r in attempts]
     assert all(b == bodies[0] for b in bodies) and bodies[0]["status"] == "completed"
 
-    assert job["status"] == "failed" and job["error"]["code"] == "callback_failed", job
+    assert job["status"] == "completed" and job["error"]["code"] == "callback_failed", job
+    assert job["callback"]["state"] == "expired", job["callback"]
     assert job["callback"]["attempts"] == MAX_ATTEMPTS and job["callback"]["delivered"] is False
     assert job["callback"].get("http_status") == http_status
     assert len(job["segments"]) > 0  # the result is kept in the status, too
@@ -164,15 +165,29 @@ def test_transient_callback_failures_are_retried_then_reported(uuid, http_status
 
     gaps = SCRIPTS[uuid].gaps()
     assert len(gaps) == MAX_ATTEMPTS - 1
+    # Each attempt is its own task: what samseg chose is the wait it logged (next_attempt_at); what the app server
+    # saw is that wait plus the hop through SQS and a free worker slot (load-dependent, so only bounded below).
+    waits = chosen_waits(cb, uuid)
+    assert len(waits) == MAX_ATTEMPTS - 1, waits
+    assert all(gap >= wait - 0.1 for gap, wait in zip(gaps, waits, strict=True)), (gaps, waits)
     if http_status in (500, 408):
-        for k, gap in enumerate(gaps):
-            assert gap <= min(BACKOFF_CAP, BACKOFF * 2**k) + SLACK, gaps
+        for k, wait in enumerate(waits):
+            assert 0 <= wait <= min(BACKOFF_CAP, BACKOFF * 2**k) + 0.05, waits
     elif http_status == 429:
-        assert all(1.0 - 0.05 <= gap <= BACKOFF_CAP + SLACK for gap in gaps), gaps  # honoured, and capped
+        assert all(1.0 - 0.05 <= wait <= BACKOFF_CAP + 0.05 for wait in waits), waits  # honoured, and capped
     else:
-        for gap in gaps:
-            assert CALLBACK_TIMEOUT - 0.05 <= gap <= CALLBACK_TIMEOUT + BACKOFF_CAP + SLACK, gaps
+        assert all(gap >= CALLBACK_TIMEOUT - 0.05 for gap in gaps), gaps
         assert "Timeout" in job["callback"]["error"], job["callback"]  # httpx.ReadTimeout
+
+
+def chosen_waits(dep: Deployment, uuid: str) -> list[float]:
+    """The wait before the next attempt that each non-final attempt scheduled (from its `callback_attempt` log)."""
+    tries = [e for e in dep.events() if e.get("event") == "callback_attempt" and e.get("job_uuid") == uuid]
+    return [e["next_attempt_at"] - _logged_at(e) for e in tries if e.get("next_attempt_at") is not None]
+
+
+def _logged_at(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
 def test_callback_delivered_after_a_transient_failure(cb, app):
@@ -185,7 +200,13 @@ def test_callback_delivered_after_a_transient_failure(cb, app):
     job = final_status(cb, app, uuid)
     assert len(patches(app, uuid)) == attempts
     assert job["status"] == "completed" and "error" not in job, job
-    assert job["callback"] == {"delivered": True, "attempts": attempts, "http_status": 200}
+    callback = job["callback"]
+    assert (callback["state"], callback["delivered"], callback["attempts"], callback["http_status"]) == (
+        "delivered",
+        True,
+        attempts,
+        200,
+    )
     assert_masks_served(cb, uuid)
 
 
@@ -196,15 +217,15 @@ def test_callback_delivered_after_a_transient_failure(cb, app):
 def test_callback_rejected_with_4xx_is_not_retried(code, cb, app):
     """Fault: the app server rejects the callback with 400 / 404 / 422.
 
-    Asserts: exactly one request (no retry); GET /jobs/{uuid} is `failed` with `callback_failed`,
-    callback.http_status == the code and attempts == 1; the worker logged `callback_rejected` with that status
-    for this job; the masks are still served.
+    Asserts: exactly one request (no retry: the outbox is closed `rejected`); GET /jobs/{uuid} is `completed`
+    with `callback_failed` as its error, callback.http_status == the code and attempts == 1; the worker logged
+    `callback_rejected` with that status for this job; the masks are still served.
     """
     uuid = f"cb-{code}"
     job = final_status(cb, app, uuid)
-    time.sleep(BACKOFF_CAP)  # a wrong retry would come within the cap
     assert len(patches(app, uuid)) == 1
-    assert job["status"] == "failed" and job["error"]["code"] == "callback_failed", job
+    assert job["status"] == "completed" and job["error"]["code"] == "callback_failed", job
+    assert job["callback"]["state"] == "rejected", job["callback"]
     assert job["callback"]["http_status"] == code and job["callback"]["attempts"] == 1
     assert job["callback"]["delivered"] is False
     rejected = [e for e in cb.events() if e.get("event") == "callback_rejected" and e.get("job_uuid") == uuid]
@@ -234,8 +255,9 @@ def refused(moto_url, tiny_checkpoint, tmp_path_factory, images) -> Iterator[Dep
 def test_app_server_refusing_connections(refused, images):
     """Fault: SAMSEG_APP_SERVER_URL points at a closed port (connection refused on every attempt).
 
-    Asserts: the job ends `failed` with `callback_failed`, callback.attempts == 4 (every attempt made, none
-    answered: no http_status), the error names the connection failure, and the masks are still served.
+    Asserts: the job is `completed` with `callback_failed` and its outbox `expired`, callback.attempts == 4
+    (every attempt made, each its own task, none answered: no http_status), the error names the connection
+    failure, each attempt's wait before the next is within the backoff cap, and the masks are still served.
     (The attempts themselves cannot be counted on the app-server side: nothing is listening.)
     """
     uuid = "cb-refused"
@@ -245,13 +267,19 @@ def test_app_server_refusing_connections(refused, images):
         assert time.monotonic() < deadline, "job not finished"
         time.sleep(0.5)
     job = wait_status(refused.api, uuid)
-    assert job["status"] == "failed" and job["error"]["code"] == "callback_failed", job
+    assert job["status"] == "completed" and job["error"]["code"] == "callback_failed", job
+    assert job["callback"]["state"] == "expired", job["callback"]
     assert job["callback"]["attempts"] == MAX_ATTEMPTS and job["callback"]["delivered"] is False
     assert job["callback"].get("http_status") is None
     assert "ConnectError" in job["callback"]["error"], job["callback"]
-    retries = [e for e in refused.events() if e.get("event") == "callback_retry" and e.get("job_uuid") == uuid]
-    assert [e["attempt"] for e in retries] == [1, 2, 3]
-    assert all(e["retry_in"] <= BACKOFF_CAP for e in retries), retries
+    tries = [e for e in refused.events() if e.get("event") == "callback_attempt" and e.get("job_uuid") == uuid]
+    assert [(e["attempt"], e["outbox"]) for e in tries] == [
+        (1, "pending"),
+        (2, "pending"),
+        (3, "pending"),
+        (4, "expired"),
+    ]
+    assert all(wait <= BACKOFF_CAP + 0.05 for wait in chosen_waits(refused, uuid))
     assert_masks_served(refused, uuid)
 
 

@@ -215,13 +215,14 @@ def get_json(base_url: str, path: str) -> tuple[int, Any]:
 
 
 def wait_status(base_url: str | None, uuid: str, timeout: float = 30) -> dict[str, Any]:
-    """GET /jobs/{uuid} until it is final (the status records the callback's delivery, so it is written just
-    after the callback went out)."""
+    """GET /jobs/{uuid} until it is final: a terminal status whose callback outbox is closed (delivered, or given
+    up: rejected, gone, expired) — after that no attempt can follow."""
     assert base_url is not None
     deadline = time.monotonic() + timeout
     while True:
         status, job = get_json(base_url, f"/jobs/{uuid}")
-        if status == 200 and job["status"] in ("completed", "failed"):
+        outbox = ((job or {}).get("callback") or {}).get("state") if status == 200 else None
+        if status == 200 and job["status"] in ("completed", "failed") and outbox not in ("pending", "sending"):
             return dict(job)
         if time.monotonic() > deadline:
             raise AssertionError(f"/jobs/{uuid} not final after {timeout}s: {status} {job}")

@@ -45,8 +45,30 @@ def test_status_reports_stages_of_running_and_finished_job(make_stack, http_serv
     order = ["download", "segment", "persist", "notify"]
     stages = [order.index(stage) for state, stage in seen if state == "running"]
     assert stages == sorted(stages), f"stages went backwards: {seen}"
-    final = httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()
-    assert final["segments"] and final["callback"] == {"delivered": True, "attempts": 1, "http_status": 200}
+    # `completed` is written with the callback queued in the outbox; its delivery is recorded right after.
+    final = _until(lambda: httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json(), _callback_closed)
+    assert final["status"] == "completed" and final["segments"]
+    callback = final["callback"]
+    assert (callback["state"], callback["delivered"], callback["attempts"], callback["http_status"]) == (
+        "delivered",
+        True,
+        1,
+        200,
+    )
+    assert callback.get("next_attempt_at") is None and callback["first_attempt_at"] <= final["updated_at"]
+
+
+def _callback_closed(status: dict) -> bool:
+    return (status.get("callback") or {}).get("state") not in (None, "pending", "sending")
+
+
+def _until(read, done, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        value = read()
+    return value
 
 
 def test_unknown_and_unsafe_job_ids_are_404(make_stack):

@@ -13,11 +13,11 @@ from http.server import ThreadingHTTPServer
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from samseg.core.backoff import backoff_delay
 from samseg.core.contracts import BBox, CallbackBody, ErrorInfo, Point, Segment
 from samseg.core.settings import Settings
 from samseg.transfer.callbacks import (
     InsecureCallbackError,
-    backoff_delay,
     callback_url,
     check_callback_transport,
     send_callback,

@@ -87,11 +87,41 @@ class Stage(StrEnum):
     NOTIFY = "notify"
 
 
+class OutboxState(StrEnum):
+    """Where a run's one terminal callback is (samseg.worker.lifecycle's outbox).
+
+    pending: due at `next_attempt_at`; sending: an attempt holds the send marker until `sending_until`;
+    delivered: the app server answered 2xx; gone: it answered 410 (stop); rejected: it answered another 4xx
+    (the body will not change, so it is not retried); expired: the delivery horizon
+    (SAMSEG_CALLBACK_HORIZON_SECONDS) or SAMSEG_CALLBACK_MAX_ATTEMPTS was spent; skipped: no app server is
+    configured.
+    """
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    GONE = "gone"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    SKIPPED = "skipped"
+
+
 class CallbackStatus(BaseModel):
+    """The callback outbox of one run, as GET /jobs/{uuid} shows it."""
+
     delivered: bool
     attempts: int
     http_status: int | None = None
     error: str | None = None
+    state: OutboxState | None = None
+    first_attempt_at: float | None = None
+    next_attempt_at: float | None = None
+    sending_until: float | None = None
+
+    @property
+    def open(self) -> bool:
+        """Still to be sent (pending, or an attempt in flight)."""
+        return self.state in (OutboxState.PENDING, OutboxState.SENDING)
 
 
 class JobStatus(BaseModel):

@@ -68,9 +68,20 @@ class Settings(BaseSettings):
     require_https_callback: bool = False
     public_base_url: str = "http://localhost:8000"
     callback_timeout_seconds: float = Field(10.0, gt=0)
-    callback_max_attempts: int = Field(6, ge=1, le=20)
+    # The callback outbox: each attempt is its own short task; attempts are spread with exponential backoff and
+    # full jitter (honouring Retry-After, stopping on 410) until one is accepted, this many were made, or the
+    # horizon since the first attempt is spent (then the outbox says `expired`).
+    callback_max_attempts: int = Field(40, ge=1, le=1000)
     callback_backoff_seconds: float = Field(1.0, ge=0)
-    callback_backoff_max_seconds: float = Field(60.0, ge=0)
+    callback_backoff_max_seconds: float = Field(1800.0, ge=0)
+    callback_horizon_seconds: float = Field(24 * 3600.0, gt=0)
+    # A stage holds a lease on its run while it works, renewed every third of this by the process running it;
+    # another copy of the stage takes over only after the lease ran out (its holder died).
+    stage_lease_seconds: float = Field(120.0, ge=10)
+    # The sweeper (beat) resolves runs stuck this long past their stage's lease or their callback's due time.
+    sweep_grace_seconds: float = Field(60.0, ge=1)
+    # How often a stuck stage is republished before its run fails `stalled`.
+    sweep_max_republish: int = Field(3, ge=0, le=20)
 
     # --- storage ---------------------------------------------------------------------------------------
     # This host's directory: the published assets and work files when SAMSEG_STORAGE_URL is unset, else only

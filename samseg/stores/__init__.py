@@ -39,7 +39,8 @@ class Stores:
 
 
 def build_stores(settings: Settings) -> Stores:
-    return Stores(blobs=build_blobs(settings), jobs=JobStore(build_job_backend(settings), settings.stale_run_seconds))
+    jobs = JobStore(build_job_backend(settings), settings.stale_run_seconds, settings.sweep_grace_seconds)
+    return Stores(blobs=build_blobs(settings), jobs=jobs)
 
 
 def build_blobs(settings: Settings) -> BlobStore:

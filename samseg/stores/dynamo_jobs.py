@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from samseg.core.contracts import CallbackStatus, ErrorInfo, JobState, Stage
-from samseg.stores.jobs import TERMINAL_RANK, JobRecord, rank
+from samseg.stores.jobs import TERMINAL_RANK, JobRecord, lifecycle_fields, parse_lifecycle_fields, rank
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -27,6 +27,22 @@ log = structlog.get_logger(__name__)
 
 PURGE_INDEX = "purge-due"
 PURGE_SHARD = "due"  # the one partition of the sparse purge index: present only while assets await the purge
+SWEEP_INDEX = "sweep-due"
+SWEEP_SHARD = "active"  # the one partition of the sparse index of active runs: present only while sweep_due is set
+
+
+SWEEP_ATTRIBUTES: Any = (
+    {"AttributeName": "sweep_shard", "AttributeType": "S"},
+    {"AttributeName": "sweep_due", "AttributeType": "N"},
+)
+SWEEP_GSI: Any = {
+    "IndexName": SWEEP_INDEX,
+    "KeySchema": [
+        {"AttributeName": "sweep_shard", "KeyType": "HASH"},
+        {"AttributeName": "sweep_due", "KeyType": "RANGE"},
+    ],
+    "Projection": {"ProjectionType": "ALL"},
+}
 
 
 class DynamoJobs:
@@ -36,12 +52,23 @@ class DynamoJobs:
         self.record_ttl_seconds = record_ttl_seconds
 
     def ensure(self) -> None:
-        """Create the table, its purge index and TTL if missing (idempotent; several hosts may race)."""
+        """Create the table, its purge and sweep indexes and TTL if missing (idempotent; several hosts may race).
+
+        A table made by an older samseg gets the sweep index added (DynamoDB backfills it online)."""
         try:
-            self.client.describe_table(TableName=self.table)
-            return
+            table = self.client.describe_table(TableName=self.table)["Table"]
         except self.client.exceptions.ResourceNotFoundException:
             pass
+        else:
+            if SWEEP_INDEX not in {index["IndexName"] for index in table.get("GlobalSecondaryIndexes", [])}:
+                with contextlib.suppress(self.client.exceptions.ResourceInUseException):
+                    self.client.update_table(
+                        TableName=self.table,
+                        AttributeDefinitions=list(SWEEP_ATTRIBUTES),
+                        GlobalSecondaryIndexUpdates=[{"Create": SWEEP_GSI}],
+                    )
+                log.info("job_table_sweep_index_added", table=self.table)
+            return
         # ResourceInUse: another host created it in between.
         with contextlib.suppress(self.client.exceptions.ResourceInUseException):
             self.client.create_table(
@@ -51,6 +78,7 @@ class DynamoJobs:
                     {"AttributeName": "uuid", "AttributeType": "S"},
                     {"AttributeName": "purge_shard", "AttributeType": "S"},
                     {"AttributeName": "finished_at", "AttributeType": "N"},
+                    *SWEEP_ATTRIBUTES,
                 ],
                 KeySchema=[{"AttributeName": "uuid", "KeyType": "HASH"}],
                 GlobalSecondaryIndexes=[
@@ -61,7 +89,8 @@ class DynamoJobs:
                             {"AttributeName": "finished_at", "KeyType": "RANGE"},
                         ],
                         "Projection": {"ProjectionType": "ALL"},
-                    }
+                    },
+                    SWEEP_GSI,
                 ],
             )
         self.client.get_waiter("table_exists").wait(TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
@@ -171,6 +200,17 @@ class DynamoJobs:
         )
         return [_record(item) for item in response.get("Items", [])]
 
+    def sweep_due_before(self, before: float, limit: int) -> list[JobRecord]:
+        response = self.client.query(
+            TableName=self.table,
+            IndexName=SWEEP_INDEX,
+            KeyConditionExpression="sweep_shard = :active AND sweep_due < :before",
+            ExpressionAttributeValues={":active": {"S": SWEEP_SHARD}, ":before": _n(before)},
+            Limit=limit,
+        )
+        # The index is eventually consistent: re-read each record before acting on it (the caller does).
+        return [_record(item) for item in response.get("Items", [])]
+
     def mark_purged(self, uuid: str, run_id: str | None, finished_at: float) -> bool:
         values: dict[str, Any] = {":t": {"BOOL": True}, ":one": {"N": "1"}, ":f": _n(finished_at)}
         condition = "finished_at = :f AND "
@@ -221,12 +261,16 @@ class DynamoJobs:
             "message_id": r.message_id,
             "error": r.error.model_dump_json() if r.error else None,
             "callback": r.callback.model_dump_json() if r.callback else None,
+            "lifecycle": json.dumps(lifecycle_fields(r)),
         }
         item.update({name: {"S": value} for name, value in optional.items() if value is not None})
         if r.finished_at is not None:
             item["finished_at"] = _n(r.finished_at)
             if not r.assets_purged:
                 item["purge_shard"] = {"S": PURGE_SHARD}
+        if r.sweep_due is not None:
+            item["sweep_due"] = _n(r.sweep_due)
+            item["sweep_shard"] = {"S": SWEEP_SHARD}
         return item
 
 
@@ -258,4 +302,6 @@ def _record(item: dict[str, Any]) -> JobRecord:
         callback=CallbackStatus.model_validate(json.loads(callback)) if callback else None,
         assets_purged=bool(item.get("assets_purged", {}).get("BOOL", False)),
         version=int(item.get("version", {}).get("N", "0")),
+        sweep_due=number("sweep_due"),
+        **parse_lifecycle_fields(text("lifecycle")),
     )

@@ -16,13 +16,14 @@ and DynamoDB (several hosts) — and the decisions built on them live here, once
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
-from samseg.core.contracts import CallbackStatus, ErrorInfo, JobState, JobStatus, Stage
+from samseg.core.contracts import CallbackStatus, ErrorInfo, JobState, JobStatus, OutboxState, Stage
 
 # How long a consumer that claimed a message has to publish its chain before another delivery of the same
 # SQS message may take over (the first one crashed or lost SQS in between).
@@ -70,6 +71,17 @@ class JobRecord:
     callback: CallbackStatus | None = None
     assets_purged: bool = False
     version: int = 0
+    # --- the lifecycle's bookkeeping (samseg.worker.lifecycle) -------------------------------------------------
+    # The stage attempt that holds the run (a random token) and until when; None when no stage works on it.
+    lease_token: str | None = None
+    lease_until: float = 0.0
+    # The current stage's input while a stage holds the run; the next stage's input once it `handed_off`:
+    # what the sweeper republishes when a message is lost.
+    payload: dict[str, Any] | None = None
+    handed_off: bool = False
+    republished: int = 0
+    # When the sweeper should look at this record (an index of active runs); None: nothing can get stuck.
+    sweep_due: float | None = None
 
     @property
     def rank(self) -> int:
@@ -80,15 +92,37 @@ class JobRecord:
         return self.status in (JobState.COMPLETED, JobState.FAILED)
 
     def to_status(self) -> JobStatus:
+        error = self.error
+        box = self.callback
+        if error is None and box is not None and box.state in UNDELIVERED:
+            # The job's outcome stays `completed`; that the app server never took the callback is an error of
+            # its own (the outbox says why: rejected, gone, expired).
+            error = ErrorInfo(code="callback_failed", message=f"the callback was not accepted: {box.error}")
         return JobStatus(
             uuid=self.uuid,
             status=self.status,
             stage=self.stage,
             updated_at=self.updated_at,
             run_id=self.run_id,
-            error=self.error,
+            error=error,
             callback=self.callback,
         )
+
+
+UNDELIVERED = frozenset({OutboxState.REJECTED, OutboxState.GONE, OutboxState.EXPIRED})
+
+
+LIFECYCLE_FIELDS = ("lease_token", "lease_until", "payload", "handed_off", "republished")
+
+
+def lifecycle_fields(record: JobRecord) -> dict[str, Any]:
+    """The lifecycle's bookkeeping as one JSON-able dict (each backend stores it as one attribute)."""
+    return {name: getattr(record, name) for name in LIFECYCLE_FIELDS}
+
+
+def parse_lifecycle_fields(text: str | None) -> dict[str, Any]:
+    data = json.loads(text) if text else {}
+    return {name: data[name] for name in LIFECYCLE_FIELDS if name in data}
 
 
 @dataclass(frozen=True)
@@ -142,6 +176,10 @@ class JobBackend(Protocol):
         """Finished jobs whose assets were not purged yet, oldest first (an index, not a scan)."""
         ...
 
+    def sweep_due_before(self, before: float, limit: int) -> list[JobRecord]:
+        """Records whose `sweep_due` is before `before`, earliest first (a sparse index of active runs)."""
+        ...
+
     def mark_purged(self, uuid: str, run_id: str | None, finished_at: float) -> bool:
         """Record that the run's assets are gone, if the record still describes that finished run."""
         ...
@@ -156,9 +194,10 @@ class JobBackend(Protocol):
 class JobStore:
     """The job-state operations samseg's stages, ingress, purge and API use."""
 
-    def __init__(self, backend: JobBackend, stale_after_seconds: float) -> None:
+    def __init__(self, backend: JobBackend, stale_after_seconds: float, sweep_grace_seconds: float = 60.0) -> None:
         self.backend = backend
         self.stale_after_seconds = stale_after_seconds
+        self.sweep_grace_seconds = sweep_grace_seconds
 
     def ensure(self) -> None:
         self.backend.ensure()
@@ -175,18 +214,28 @@ class JobStore:
         now = time.time() if now is None else now
         return self.backend.insert(JobRecord(uuid=uuid, status=JobState.QUEUED, stage=None, updated_at=now))
 
-    def claim(self, uuid: str, message_id: str | None, now: float | None = None) -> Claim:
-        """Decide what a delivery of a job message does; RUN is returned to exactly one consumer per run."""
+    def claim(
+        self, uuid: str, message_id: str | None, now: float | None = None, payload: dict[str, Any] | None = None
+    ) -> Claim:
+        """Decide what a delivery of a job message does; RUN is returned to exactly one consumer per run.
+
+        `payload` is the first stage's input without its run id (the sweeper republishes it if the chain is lost).
+        """
         for _ in range(CLAIM_ATTEMPTS):
             at = time.time() if now is None else now
+            run_id = secrets.token_hex(6)
             fresh = JobRecord(
                 uuid=uuid,
                 status=JobState.QUEUED,
                 stage=None,
                 updated_at=at,
-                run_id=secrets.token_hex(6),
+                run_id=run_id,
                 message_id=message_id,
                 claimed_at=at,
+                payload={**payload, "run_id": run_id} if payload is not None else None,
+                handed_off=True,
+                # Unpublished: the sweeper takes it over once the publish lease is over.
+                sweep_due=at + PUBLISH_LEASE_SECONDS + self.sweep_grace_seconds,
             )
             if self.backend.insert(fresh):
                 return Claim(Decision.RUN, fresh)
@@ -211,7 +260,13 @@ class JobStore:
             if now - current.claimed_at < PUBLISH_LEASE_SECONDS:
                 return Decision.BUSY, None
             # The consumer that claimed this message died before publishing: resume the same run.
-            return Decision.RUN, replace(current, claimed_at=now, version=current.version + 1)
+            return Decision.RUN, replace(
+                current, claimed_at=now, sweep_due=fresh.sweep_due, version=current.version + 1
+            )
+        if current.status is JobState.QUEUED and not current.published:
+            if now - current.claimed_at >= PUBLISH_LEASE_SECONDS:
+                return Decision.RUN, take_over  # its publisher died before publishing: this delivery takes over
+            return Decision.DUPLICATE, None
         if current.status is JobState.FAILED:
             return Decision.RUN, take_over  # an app server may resend a failed job
         if current.status is JobState.COMPLETED:
@@ -220,8 +275,25 @@ class JobStore:
             return Decision.RUN, take_over  # no progress for longer than any stage may take: its run is dead
         return Decision.DUPLICATE, None
 
-    def mark_published(self, uuid: str, run_id: str) -> bool:
-        return self.backend.mark_published(uuid, run_id)
+    def mark_published(self, uuid: str, run_id: str, now: float | None = None) -> bool:
+        """The run's chain is on SQS. Until its download starts, the sweeper looks again only after the longest
+        wait a queue may impose (SAMSEG_STALE_RUN_SECONDS): a backlog is not a lost message."""
+        for _ in range(CLAIM_ATTEMPTS):
+            current = self.backend.get(uuid)
+            if current is None or current.run_id != run_id:
+                return False
+            if current.published:
+                return True
+            at = time.time() if now is None else now
+            successor = replace(
+                current,
+                published=True,
+                sweep_due=at + self.stale_after_seconds if current.status is JobState.QUEUED else current.sweep_due,
+                version=current.version + 1,
+            )
+            if self.backend.swap(current.version, successor):
+                return True
+        raise StoreConflict(f"could not mark job {uuid} published: the record kept changing")
 
     def advance(
         self,
@@ -256,6 +328,9 @@ class JobStore:
             claimed_at=at,
             finished_at=at,
             error=error,
+            # Its `failed` callback goes through the outbox like any other (samseg.worker.lifecycle).
+            callback=CallbackStatus(delivered=False, attempts=0, state=OutboxState.PENDING, next_attempt_at=at),
+            sweep_due=at + self.sweep_grace_seconds,
         )
         return record if self.backend.insert(record) else None
 

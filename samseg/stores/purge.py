@@ -42,6 +42,10 @@ def purge_expired(stores: Stores, settings: Settings, now: float | None = None) 
             current = stores.jobs.get(record.uuid)
             if current is None or current.run_id != record.run_id or not current.terminal:
                 continue  # re-run since the index was read: its new run owns the files now
+            if current.callback is not None and current.callback.open:
+                # Its callback is still being delivered and its body is result.json: purge once the outbox
+                # closes (delivered, gone, rejected, or expired at SAMSEG_CALLBACK_HORIZON_SECONDS).
+                continue
             objects += stores.assets.remove_job(record.uuid)
             if stores.jobs.mark_purged(record):
                 jobs += 1

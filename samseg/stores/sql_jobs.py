@@ -8,6 +8,7 @@ unsafe — several hosts use DynamoDB instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from samseg.core.contracts import CallbackStatus, ErrorInfo, JobState, Stage
-from samseg.stores.jobs import TERMINAL_RANK, JobRecord, rank
+from samseg.stores.jobs import TERMINAL_RANK, JobRecord, lifecycle_fields, parse_lifecycle_fields, rank
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -34,15 +35,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     purge_due INTEGER NOT NULL DEFAULT 0,
     assets_purged INTEGER NOT NULL DEFAULT 0,
     version INTEGER NOT NULL DEFAULT 0,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    lifecycle TEXT,
+    sweep_due REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_purge_due ON jobs (finished_at) WHERE purge_due = 1;
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires_at);
 """
+# Columns added after the first release: a table created by an older samseg gets them at `ensure`.
+ADDED_COLUMNS = {"lifecycle": "TEXT", "sweep_due": "REAL"}
+SWEEP_INDEX = "CREATE INDEX IF NOT EXISTS jobs_sweep_due ON jobs (sweep_due) WHERE sweep_due IS NOT NULL;"
 COLUMNS = (
     "uuid, status, stage, rank, updated_at, run_id, message_id, published, claimed_at, finished_at, error, "
-    "callback, purge_due, assets_purged, version, expires_at"
+    "callback, purge_due, assets_purged, version, expires_at, lifecycle, sweep_due"
 )
+N_COLUMNS = len(COLUMNS.split(", "))
 
 
 class SqlJobs:
@@ -63,7 +70,14 @@ class SqlJobs:
         return db
 
     def ensure(self) -> None:
-        self._db().executescript(SCHEMA)
+        db = self._db()
+        db.executescript(SCHEMA)
+        present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in present:
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it just now
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        db.executescript(SWEEP_INDEX)
 
     def _run(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         try:
@@ -79,7 +93,8 @@ class SqlJobs:
         return _record(row) if row else None
 
     def insert(self, record: JobRecord) -> bool:
-        cursor = self._run(f"INSERT OR IGNORE INTO jobs ({COLUMNS}) VALUES ({', '.join('?' * 16)})", self._row(record))
+        placeholders = ", ".join("?" * N_COLUMNS)
+        cursor = self._run(f"INSERT OR IGNORE INTO jobs ({COLUMNS}) VALUES ({placeholders})", self._row(record))
         return cursor.rowcount == 1
 
     def swap(self, expected_version: int, record: JobRecord) -> bool:
@@ -154,6 +169,13 @@ class SqlJobs:
         )
         return cursor.rowcount == 1
 
+    def sweep_due_before(self, before: float, limit: int) -> list[JobRecord]:
+        rows = self._run(
+            f"SELECT {COLUMNS} FROM jobs WHERE sweep_due IS NOT NULL AND sweep_due < ? ORDER BY sweep_due LIMIT ?",
+            (before, limit),
+        ).fetchall()
+        return [_record(row) for row in rows]
+
     def delete_expired(self, now: float, limit: int = 1000) -> int:
         """SQLite has no TTL: the purge removes records past their expiry (DynamoDB's TTL does this itself)."""
         cursor = self._run(
@@ -182,6 +204,8 @@ class SqlJobs:
             int(r.assets_purged),
             r.version,
             r.updated_at + self.record_ttl_seconds,
+            json.dumps(lifecycle_fields(r)),
+            r.sweep_due,
         )
 
 
@@ -191,7 +215,7 @@ def _json(model: ErrorInfo | CallbackStatus | None) -> str | None:
 
 def _record(row: tuple[Any, ...]) -> JobRecord:
     (uuid, status, stage, _rank, updated_at, run_id, message_id, published, claimed_at, finished_at, error,
-     callback, _due, purged, version, _expires) = row  # fmt: skip
+     callback, _due, purged, version, _expires, lifecycle, sweep_due) = row  # fmt: skip
     return JobRecord(
         uuid=uuid,
         status=JobState(status),
@@ -206,4 +230,6 @@ def _record(row: tuple[Any, ...]) -> JobRecord:
         callback=CallbackStatus.model_validate(json.loads(callback)) if callback else None,
         assets_purged=bool(purged),
         version=version,
+        sweep_due=sweep_due,
+        **parse_lifecycle_fields(lifecycle),
     )

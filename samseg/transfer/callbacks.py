@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import random
 import re
 import time
 import uuid as uuid_module
@@ -29,6 +28,7 @@ import httpx
 import structlog
 from standardwebhooks import Webhook
 
+from samseg.core.backoff import backoff_delay
 from samseg.core.contracts import CallbackBody
 from samseg.core.settings import Settings
 
@@ -108,15 +108,57 @@ def callback_url(settings: Settings, uuid: str) -> str | None:
     return settings.app_server_url + CALLBACK_PATH.format(uuid=uuid)
 
 
-def backoff_delay(attempt: int, settings: Settings, retry_after: str | None = None) -> float:
-    """Full jitter: uniform in [0, min(cap, base·2^attempt)]; a server's Retry-After wins (capped)."""
-    cap = settings.callback_backoff_max_seconds
-    if retry_after is not None:
-        try:
-            return min(cap, max(0.0, float(retry_after)))
-        except ValueError:
-            pass  # an HTTP date: fall back to our own schedule
-    return random.uniform(0, min(cap, settings.callback_backoff_seconds * 2**attempt))
+@dataclass(frozen=True)
+class Attempt:
+    """One PATCH: accepted (2xx) or not, with what the app server said."""
+
+    delivered: bool
+    http_status: int | None = None
+    error: str | None = None
+    retry_after: str | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return not self.delivered and (self.http_status is None or self.http_status in RETRYABLE_STATUS)
+
+
+def attempt_callback(
+    body: CallbackBody,
+    settings: Settings,
+    *,
+    webhook_id: str | None = None,
+    clock: Callable[[], float] = time.time,
+    client: httpx.Client | None = None,
+) -> Attempt:
+    """PATCH `body` to the app server once, signed for this moment; never raises for HTTP trouble.
+
+    The callback outbox (samseg.worker.outbox) makes one such attempt per task; `send_callback` loops over it.
+    """
+    url = callback_url(settings, body.uuid)
+    if url is None:
+        return Attempt(False, error="no app server configured")
+    headers = {"Content-Type": "application/json"}
+    if settings.app_server_token:
+        headers["Authorization"] = f"Bearer {settings.app_server_token.get_secret_value()}"
+    payload = body.model_dump_json(exclude_none=True)
+    if settings.webhook_secret is not None:
+        signer = Webhook(settings.webhook_secret.get_secret_value())
+        headers |= signature_headers(signer, webhook_id or f"msg_{uuid_module.uuid4().hex}", payload, clock())
+    owned = client is None
+    http = client or httpx.Client(timeout=settings.callback_timeout_seconds)
+    try:
+        response = http.patch(url, content=payload.encode("utf-8"), headers=headers)
+    except httpx.HTTPError as exc:
+        return Attempt(False, None, f"{type(exc).__name__}: {exc}")
+    finally:
+        if owned:
+            http.close()
+    if response.is_success:
+        log.info("callback_delivered", http_status=response.status_code, webhook_id=webhook_id)
+        return Attempt(True, response.status_code)
+    if response.status_code not in RETRYABLE_STATUS:
+        log.error("callback_rejected", http_status=response.status_code, body=response.text[:500])
+    return Attempt(False, response.status_code, f"HTTP {response.status_code}", response.headers.get("retry-after"))
 
 
 def send_callback(
@@ -127,45 +169,28 @@ def send_callback(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.time,
 ) -> Delivery:
-    """PATCH `body` to the app server, retrying transient failures; never raises for HTTP trouble.
+    """PATCH `body`, retrying transient failures in this process (`samseg segment --notify` and tools; the
+    worker uses the outbox instead); never raises for HTTP trouble.
 
     `webhook_id` should be `webhook_id_for(uuid, run_id)`; without one (and with a webhook secret) a random
     id is used, shared by this call's attempts only. `clock` is the signing time source (tests move it).
     """
-    url = callback_url(settings, body.uuid)
-    if url is None:
+    if callback_url(settings, body.uuid) is None:
         log.info("callback_skipped", reason="SAMSEG_APP_SERVER_URL is not set", status=body.status)
         return Delivery(delivered=False, attempts=0, error="no app server configured")
-    headers = {"Content-Type": "application/json"}
-    if settings.app_server_token:
-        headers["Authorization"] = f"Bearer {settings.app_server_token.get_secret_value()}"
-    payload = body.model_dump_json(exclude_none=True)
-    signer = Webhook(settings.webhook_secret.get_secret_value()) if settings.webhook_secret else None
-    if signer is not None and webhook_id is None:
+    if settings.webhook_secret is not None and webhook_id is None:
         webhook_id = f"msg_{uuid_module.uuid4().hex}"
     last = Delivery(delivered=False, attempts=0)
     with httpx.Client(timeout=settings.callback_timeout_seconds) as client:
         for attempt in range(1, settings.callback_max_attempts + 1):
-            retry_after = None
-            if signer is not None and webhook_id is not None:
-                headers |= signature_headers(signer, webhook_id, payload, clock())
-            try:
-                response = client.patch(url, content=payload.encode("utf-8"), headers=headers)
-            except httpx.HTTPError as exc:
-                last = Delivery(False, attempt, None, f"{type(exc).__name__}: {exc}")
-            else:
-                if response.is_success:
-                    log.info(
-                        "callback_delivered", http_status=response.status_code, attempts=attempt, webhook_id=webhook_id
-                    )
-                    return Delivery(True, attempt, response.status_code)
-                last = Delivery(False, attempt, response.status_code, f"HTTP {response.status_code}")
-                if response.status_code not in RETRYABLE_STATUS:
-                    log.error("callback_rejected", http_status=response.status_code, body=response.text[:500])
-                    return last
-                retry_after = response.headers.get("retry-after")
+            result = attempt_callback(body, settings, webhook_id=webhook_id, clock=clock, client=client)
+            if result.delivered:
+                return Delivery(True, attempt, result.http_status)
+            last = Delivery(False, attempt, result.http_status, result.error)
+            if not result.retryable:
+                return last
             if attempt < settings.callback_max_attempts:
-                delay = backoff_delay(attempt - 1, settings, retry_after)
+                delay = backoff_delay(attempt - 1, settings, result.retry_after)
                 log.warning("callback_retry", attempt=attempt, error=last.error, retry_in=round(delay, 2))
                 sleep(delay)
     log.error("callback_failed", attempts=last.attempts, error=last.error)

@@ -20,7 +20,7 @@ from samseg.worker.ingress import IngressStep
 from samseg.worker.services import WorkerServices
 
 # The task modules, imported by Celery when the app is finalised (by name: nothing here imports them).
-TASK_MODULES = ("samseg.worker.stages", "samseg.worker.failure", "samseg.worker.beat_tasks")
+TASK_MODULES = ("samseg.worker.stages", "samseg.worker.failure", "samseg.worker.outbox", "samseg.worker.beat_tasks")
 
 
 class SamsegCelery(Celery):  # type: ignore[misc]

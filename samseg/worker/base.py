@@ -22,11 +22,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
-from samseg.core.contracts import ErrorInfo, JobState, Stage
+from samseg.core.contracts import ErrorInfo, Stage
 from samseg.core.errors import JobError, is_transient
 from samseg.core.settings import Settings, get_settings
 from samseg.stores import Stores, build_stores
 from samseg.stores.layout import work_key
+from samseg.stores.lifecycle import Busy, Hold, Lifecycle
+from samseg.worker.leases import HeldLease, LeaseKeeper
 
 log = structlog.get_logger(__name__)
 
@@ -49,14 +51,36 @@ class StageTask(Task):  # type: ignore[misc]
         try:
             return super().__call__(*args, **kwargs)
         except (Retry, Reject, Ignore):
+            self._drop_lease()
             raise  # Celery's own control flow (a retry already scheduled), whatever caused it
         except Exception as exc:
             if not is_transient(exc) or self.request.called_directly:
+                self.request._samseg_failed = True  # the errback fails the run with this lease's token
                 raise
+            self._drop_lease()
             retries = int(self.request.retries or 0)
             delay = min(300, 5 * 2**retries)
             log.warning("stage_retry_after_outage", error=repr(exc)[:300], retries=retries, retry_in_seconds=delay)
             raise self.retry(exc=exc, countdown=delay, max_retries=STAGE_RETRIES) from exc
+        finally:
+            if not self.request.called_directly:
+                self._release_lease_after_errback()
+
+    def _drop_lease(self) -> None:
+        """A retry gives the lease up at once (its next copy need not wait for it to run out), best effort."""
+        lease = self.leases.release(self.request.id) if self.request.id else None
+        if lease is not None:
+            try:
+                self.lifecycle.release(lease.uuid, lease.run_id, lease.token)
+            except Exception as exc:  # unreachable store: the lease runs out by itself
+                log.info("stage_lease_release_failed", error=repr(exc)[:200])
+
+    def _release_lease_after_errback(self) -> None:
+        """Stop renewing. A failed task's lease is kept (not renewed) for its errback, which fails the run with
+        its token (samseg.worker.failure): only the holder may."""
+        lease = self.leases.release(self.request.id) if self.request.id else None
+        if lease is not None and getattr(self.request, "_samseg_failed", False):
+            self.leases.failed(self.request.id, lease)
 
     @property
     def settings(self) -> Settings:
@@ -70,25 +94,37 @@ class StageTask(Task):  # type: ignore[misc]
             cached = StageTask._stores = (os.getpid(), build_stores(self.settings))
         return cached[1]
 
-    def enter(self, job: dict[str, Any], stage: Stage) -> bool:
-        """Record that `stage` of the job's run starts; False (and the chain stops here) if the store refuses.
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return Lifecycle(self.stores.jobs, self.settings)
 
-        Refused: the record belongs to another run (this one was replaced), or the run already went past
-        this stage — SQS delivered the message again after its work was done. Running it again would
-        redo finished work and publish the rest of the chain a second time.
+    @property
+    def leases(self) -> LeaseKeeper:
+        return LeaseKeeper.for_process(self.lifecycle)
+
+    def hold(self, job: dict[str, Any], stage: Stage) -> HeldLease:
+        """Take the run for `stage` (samseg.stores.lifecycle.start_stage), or end this copy of the task.
+
+        Gone (the run was replaced, moved past this stage, or ended): the task ends quietly — `Ignore`, its
+        message acknowledged, nothing after it published. Busy (another copy holds a live lease): the message
+        is handed back as a retry that looks again once the lease would have run out.
         """
-        if self.stores.jobs.advance(job["uuid"], job["run_id"], JobState.RUNNING, stage):
-            return True
-        record = self.stores.jobs.get(job["uuid"])
-        log.info(
-            "stage_skipped",
-            run_id=job["run_id"],
-            current_run=record.run_id if record else None,
-            current_status=record.status.value if record else None,
-            current_stage=record.stage.value if record and record.stage else None,
-        )
+        outcome = self.lifecycle.start_stage(job["uuid"], job["run_id"], stage, payload=job)
+        if isinstance(outcome, Hold):
+            lease = HeldLease(job["uuid"], job["run_id"], outcome.token)
+            self.leases.hold(self.request.id, lease)
+            return lease
         self.request.chain = None  # Celery publishes the next link from this after the task returns
-        return False
+        if isinstance(outcome, Busy):
+            raise self.retry(countdown=min(60.0, outcome.retry_in + 1), max_retries=None)
+        raise Ignore()
+
+    def hand_off(self, lease: HeldLease, next_payload: dict[str, Any]) -> dict[str, Any]:
+        """The stage is done: record it (only the lease's holder can), then Celery publishes the next link."""
+        if not self.lifecycle.hand_off(lease.uuid, lease.run_id, lease.token, next_payload):
+            self.request.chain = None  # another copy took the run over: it, not this one, goes on
+            raise Ignore()
+        return next_payload
 
     @contextmanager
     def scratch(self) -> Iterator[Path]:

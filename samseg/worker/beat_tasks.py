@@ -1,17 +1,20 @@
-"""The tasks celery beat schedules (samseg.worker.config's `beat_schedule`): the purge and the dead-task reaper."""
+"""The tasks celery beat schedules (samseg.worker.config's `beat_schedule`): the sweeper, the dead-task reaper
+and the purge."""
 
 from __future__ import annotations
 
 import structlog
 from celery import shared_task
 
-from samseg.core.contracts import ErrorInfo
+from samseg.core.contracts import ErrorInfo, Stage
 from samseg.queue.dead_letters import DeadLetter, reap_task_dead_letters
 from samseg.queue.sqs import JobQueues
+from samseg.stores.lifecycle import SweepKind
 from samseg.stores.purge import purge_expired
 from samseg.worker import chain as names
 from samseg.worker.base import StageTask
-from samseg.worker.failure import fail_run
+from samseg.worker.chain import chain_from, queue_delivery
+from samseg.worker.failure import TASK_STAGES, end_failed_run
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +33,15 @@ def reap_dead_tasks(self: StageTask) -> int:
             code="worker_lost",
             message=f"{dead.task} killed its worker on each of {letter.receive_count} deliveries (out of memory?)",
         )
-        fail_run(self.app, self.stores, dead.job_uuid, dead.run_id, error, callback=dead.task != names.NOTIFY)
+        failure = {
+            "uuid": dead.job_uuid,
+            "run_id": dead.run_id,
+            "error": error.model_dump(),
+            "token": None,
+            "stage": TASK_STAGES[dead.task].value if dead.task in TASK_STAGES else None,
+            "lease_expired": True,  # its holder died on every delivery; never fail a run another copy holds
+        }
+        end_failed_run(self.app, self.lifecycle, failure, self.stores.assets)
         return True
 
     return reap_task_dead_letters(JobQueues(self.settings), handle)
@@ -42,3 +53,22 @@ def purge(self: StageTask) -> dict[str, int]:
     report = purge_expired(self.stores, self.settings)
     log.info("assets_purged", ttl_seconds=self.settings.asset_ttl_seconds, **report)
     return report
+
+
+@shared_task(name=names.SWEEP, bind=True, base=StageTask)
+def sweep(self: StageTask) -> dict[str, int]:
+    """Beat, every minute: resolve every run the index of active runs says is overdue (samseg.stores.lifecycle):
+    republish a stage or chain whose message is gone, queue a callback attempt whose message is gone, fail a
+    run whose stage keeps getting stuck (`stalled`). Costs in proportion to the active runs, not the table."""
+    counts = {kind.value: 0 for kind in SweepKind}
+    for action in self.lifecycle.sweep():
+        counts[action.kind.value] += 1
+        if action.kind is SweepKind.REPUBLISH and action.stage is not None and action.payload is not None:
+            chain_from(self.app, action.stage, action.payload).apply_async()
+            if action.stage is Stage.DOWNLOAD:
+                self.stores.jobs.mark_published(action.uuid, action.run_id)
+        else:
+            queue_delivery(self.app, action.uuid, action.run_id)
+    if any(counts.values()):
+        log.info("sweep_done", **counts)
+    return counts

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery, chain
 
-from samseg.core.contracts import ErrorInfo, JobMessage
+from samseg.core.contracts import JobMessage, Stage
 
 DOWNLOAD = "samseg.download"
 SEGMENT = "samseg.segment"
@@ -21,7 +21,11 @@ NOTIFY = "samseg.notify"
 ON_JOB_ERROR = "samseg.on_job_error"
 PURGE = "samseg.purge"
 REAP_DEAD_TASKS = "samseg.reap_dead_tasks"
+SWEEP = "samseg.sweep"
+DELIVER_CALLBACK = "samseg.deliver_callback"
+FAIL_RUN = "samseg.fail_run"
 STAGES = (DOWNLOAD, SEGMENT, PERSIST, NOTIFY)
+STAGE_TASKS = {Stage.DOWNLOAD: DOWNLOAD, Stage.SEGMENT: SEGMENT, Stage.PERSIST: PERSIST, Stage.NOTIFY: NOTIFY}
 
 
 def task_id(uuid: str, task_name: str) -> str:
@@ -29,16 +33,27 @@ def task_id(uuid: str, task_name: str) -> str:
     return f"{uuid}.{task_name.removeprefix('samseg.')}"
 
 
+def first_payload(job: JobMessage) -> dict[str, Any]:
+    """The download stage's input, without the run id (the job store adds it when the run is claimed)."""
+    return {"uuid": job.uuid, "image_url": job.image_url}
+
+
 def build_chain(app: Celery, job: JobMessage, run_id: str) -> Any:
     """The four stages of one run, each with a deterministic task id, and the errback that ends a failed run."""
-    payload = {"uuid": job.uuid, "image_url": job.image_url, "run_id": run_id}
-    first, *rest = STAGES
-    links = [app.signature(first, args=(payload,), immutable=True).set(task_id=task_id(job.uuid, first))]
-    links += [app.signature(name).set(task_id=task_id(job.uuid, name)) for name in rest]
+    return chain_from(app, Stage.DOWNLOAD, {**first_payload(job), "run_id": run_id})
+
+
+def chain_from(app: Celery, stage: Stage, payload: dict[str, Any]) -> Any:
+    """The chain from `stage` on, its first link given `payload` (the sweeper republishes a lost stage so)."""
+    uuid = str(payload["uuid"])
+    first, *rest = STAGES[STAGES.index(STAGE_TASKS[stage]) :]
+    links = [app.signature(first, args=(payload,), immutable=True).set(task_id=task_id(uuid, first))]
+    links += [app.signature(name).set(task_id=task_id(uuid, name)) for name in rest]
     return chain(*links).on_error(app.signature(ON_JOB_ERROR))
 
 
-def queue_failed_callback(app: Celery, uuid: str, run_id: str, error: ErrorInfo) -> None:
-    """Publish the `notify` of a failed run (its `failed` callback); the notify stage sends it at most once."""
-    payload = {"uuid": uuid, "run_id": run_id, "error": error.model_dump()}
-    app.signature(NOTIFY, args=(payload,)).apply_async(task_id=task_id(uuid, NOTIFY))
+def queue_delivery(app: Celery, uuid: str, run_id: str, countdown: float = 0) -> None:
+    """Publish one attempt of the run's callback (samseg.worker.outbox); the outbox sends at most one at a time."""
+    app.signature(DELIVER_CALLBACK, args=(uuid, run_id)).apply_async(
+        task_id=f"{uuid}.callback", countdown=max(0.0, countdown) or None
+    )

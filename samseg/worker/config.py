@@ -73,12 +73,13 @@ def celery_config(s: Settings) -> dict[str, Any]:
     task_time_limit = s.io_time_limit_seconds  # 360 s by default
     # The segment and notify tasks get their own limits, as annotations so the task modules read no settings.
     segment_limit = s.segment_time_limit_seconds
-    notify_limit = int(s.callback_max_attempts * (s.callback_timeout_seconds + s.callback_backoff_max_seconds) + 60)
+    # notify only ends the run; each callback attempt is its own task (samseg.worker.outbox).
+    notify_limit = int(3 * s.callback_timeout_seconds + 60)
     task_annotations = {
         # The soft limit leaves the task time to fail cleanly (status, callback) before the hard kill.
         names.SEGMENT: {"time_limit": segment_limit, "soft_time_limit": max(0.8 * segment_limit, segment_limit - 30)},
-        # Long enough for every attempt of the callback with its backoff.
         names.NOTIFY: {"time_limit": notify_limit, "soft_time_limit": notify_limit - 10},
+        names.DELIVER_CALLBACK: {"time_limit": notify_limit, "soft_time_limit": notify_limit - 10},
     }
 
     beat_schedule = {
@@ -87,6 +88,12 @@ def celery_config(s: Settings) -> dict[str, Any]:
             "schedule": s.cleanup_interval_seconds,
             # A purge nobody ran within a period is superseded by the next one (at least 5 min of slack).
             "options": {"queue": s.io_queue, "expires": max(300.0, s.cleanup_interval_seconds)},
+        },
+        # Runs stuck past their stage's lease, their claim's publish lease or their callback's due time.
+        "sweep-stuck-runs": {
+            "task": names.SWEEP,
+            "schedule": 60.0,
+            "options": {"queue": s.io_queue, "expires": 60.0},
         },
         # Stage messages the io/gpu queues dead-lettered (their worker died on every delivery) end their run.
         "reap-dead-tasks": {

@@ -26,7 +26,7 @@ from samseg.core.settings import Settings, get_settings
 from samseg.queue.sqs import JobQueues
 from samseg.stores import Stores, build_stores
 from samseg.stores.jobs import PUBLISH_LEASE_SECONDS, Decision
-from samseg.worker.chain import build_chain, queue_failed_callback
+from samseg.worker.chain import build_chain, first_payload, queue_delivery
 
 log = structlog.get_logger(__name__)
 
@@ -99,7 +99,7 @@ class IngressHandler:
             unbind_job()
 
     def _accept(self, job: JobMessage, message_id: str | None, message: Message) -> None:
-        claim = self.stores.jobs.claim(job.uuid, message_id)
+        claim = self.stores.jobs.claim(job.uuid, message_id, payload=first_payload(job))
         if claim.decision is Decision.BUSY:
             # The same SQS message is being published by another consumer right now (SQS delivered it twice):
             # look again once that consumer's lease is over, in case it died before publishing.
@@ -149,7 +149,7 @@ class IngressHandler:
             error = ErrorInfo(code="invalid_job", message=bad.reason)
             record = self.stores.jobs.record_invalid(bad.uuid, error) if bad.uuid else None
             if record is not None and record.run_id:
-                queue_failed_callback(self.app, record.uuid, record.run_id, error)
+                queue_delivery(self.app, record.uuid, record.run_id)
         except Exception as exc:  # SQS down: keep the message, it comes back after a backoff
             log.warning("ingress_dead_letter_failed", error=repr(exc))
             self._release(message, retry_delay(1))

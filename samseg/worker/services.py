@@ -154,8 +154,9 @@ class WorkerServices:
 
     # --- each task ------------------------------------------------------------------------------------------
     def on_task_prerun(self, task_id: str | None = None, task: Any = None, args: Any = None, **_: Any) -> None:
-        job = args[0] if args and isinstance(args[0], dict) else {}
-        bind_job(job.get("uuid"), getattr(task, "name", None))
+        first = args[0] if args else None
+        uuid = first.get("uuid") if isinstance(first, dict) else first if isinstance(first, str) else None
+        bind_job(uuid, getattr(task, "name", None))
         if task_id:
             self._started[task_id] = time.monotonic()
         if self.watchdog is not None and task_id:
