@@ -169,7 +169,7 @@ def new_stack(moto_url: str, checkpoint: Path, root: Path, prefix: str, **overri
         "SAMSEG_VISIBILITY_TIMEOUT_SECONDS": "120",
         "SAMSEG_LOG_JSON": "true",
         "SAMSEG_API_TOKEN": API_TOKEN,
-        # Warm-up at worker start costs an image-encoder pass per worker; tests/test_health_metrics.py
+        # Warm-up at worker start costs an image-encoder pass per worker; tests/integration/test_health_metrics.py
         # turns it on where readiness is under test, everywhere else the first job loads the model.
         "SAMSEG_PRELOAD_MODEL": "false",
         # Not the shared /tmp default: another stack's health check must not see this worker.

@@ -25,7 +25,7 @@ import yaml
 
 from samseg.core.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PROD, DEV = "compose.yaml", "compose.dev.yaml"
@@ -300,7 +300,7 @@ def test_dockerignore_keeps_what_runs_and_nothing_else() -> None:
         "assets/x/result.json",
         "weights/sam2.1_hiera_tiny.pt",
         "weights/sam2.1_hiera_tiny.pt.lock",
-        "tests/test_compose.py",
+        "tests/system/test_compose.py",
         "benchmarks/x.py",
         "samseg/__pycache__/api.cpython-311.pyc",
         ".pytest_cache/v",
