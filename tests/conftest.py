@@ -199,6 +199,22 @@ def make_stack(moto_url: str, tiny_checkpoint: Path, tmp_path: Path, request: py
                 sys.stderr.write(f"\n===== {proc.name} log =====\n{proc.output()[-6000:]}\n")
 
 
+# pytest-timeout by tier (pyproject.toml sets the default, 120 s, and timeout_method = "thread"): the folder a
+# test lives in gives its limit unless it carries its own @pytest.mark.timeout.
+TIER_TIMEOUTS = {"unit": 120, "integration": 600, "system": 1800}
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            tier = item.path.resolve().relative_to(TESTS_DIR).parts[0]
+        except ValueError:
+            continue
+        if tier in TIER_TIMEOUTS and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIER_TIMEOUTS[tier]))
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     report = yield
