@@ -200,12 +200,14 @@ def make_stack(moto_url: str, tiny_checkpoint: Path, tmp_path: Path, request: py
 
 
 # pytest-timeout by tier (pyproject.toml sets the default, 120 s, and timeout_method = "thread"): the folder a
-# test lives in gives its limit unless it carries its own @pytest.mark.timeout.
+# test lives in gives its limit unless it carries its own @pytest.mark.timeout or --timeout is given.
 TIER_TIMEOUTS = {"unit": 120, "integration": 600, "system": 1800}
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("timeout", None) is not None:
+        return  # `pytest --timeout N` (0: none) on the command line wins over the tiers, e.g. to debug
     for item in items:
         try:
             tier = item.path.resolve().relative_to(TESTS_DIR).parts[0]
