@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# One command: install (if needed), lint, type-check and run the whole test suite. CI runs exactly this.
+# One command: install (if needed), lint, type-check and run the whole test suite, tier by tier: tests/unit
+# (in-process), tests/integration (moto, one stack), tests/system (chaos, faults, scale-out, packaging,
+# compose). A failing tier stops the run before the next, slower one. CI runs exactly this.
+# With arguments, pytest runs just those (`scripts/test.sh tests/unit/test_masks.py -k png`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
@@ -13,4 +16,10 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-.venv/bin/pytest "$@"
+if [ "$#" -gt 0 ]; then
+  exec .venv/bin/pytest "$@"
+fi
+for tier in unit integration system; do
+  echo "=== pytest tests/$tier"
+  .venv/bin/pytest "tests/$tier"
+done

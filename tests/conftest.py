@@ -169,7 +169,7 @@ def new_stack(moto_url: str, checkpoint: Path, root: Path, prefix: str, **overri
         "SAMSEG_VISIBILITY_TIMEOUT_SECONDS": "120",
         "SAMSEG_LOG_JSON": "true",
         "SAMSEG_API_TOKEN": API_TOKEN,
-        # Warm-up at worker start costs an image-encoder pass per worker; tests/test_health_metrics.py
+        # Warm-up at worker start costs an image-encoder pass per worker; tests/integration/test_health_metrics.py
         # turns it on where readiness is under test, everywhere else the first job loads the model.
         "SAMSEG_PRELOAD_MODEL": "false",
         # Not the shared /tmp default: another stack's health check must not see this worker.
@@ -197,6 +197,24 @@ def make_stack(moto_url: str, tiny_checkpoint: Path, tmp_path: Path, request: py
         for stack in stacks:
             for proc in stack.procs:
                 sys.stderr.write(f"\n===== {proc.name} log =====\n{proc.output()[-6000:]}\n")
+
+
+# pytest-timeout by tier (pyproject.toml sets the default, 120 s, and timeout_method = "thread"): the folder a
+# test lives in gives its limit unless it carries its own @pytest.mark.timeout or --timeout is given.
+TIER_TIMEOUTS = {"unit": 120, "integration": 600, "system": 1800}
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("timeout", None) is not None:
+        return  # `pytest --timeout N` (0: none) on the command line wins over the tiers, e.g. to debug
+    for item in items:
+        try:
+            tier = item.path.resolve().relative_to(TESTS_DIR).parts[0]
+        except ValueError:
+            continue
+        if tier in TIER_TIMEOUTS and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIER_TIMEOUTS[tier]))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -1,4 +1,4 @@
-"""Fault-injection helpers for tests/test_faults_delivery.py: a TCP proxy that can cut the network, log and
+"""Fault-injection helpers for tests/system/test_faults_delivery.py: a TCP proxy that can cut the network, log and
 process introspection, and bounded waits. Nothing here stands in for samseg code."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Test-only fault injection inside a real samseg worker process (loaded by Python at start-up).
 
-tests/test_faults_callback.py puts this directory first on a worker's PYTHONPATH, so Python imports this
+tests/system/test_faults_callback.py puts this directory first on a worker's PYTHONPATH, so Python imports this
 module in the worker and in every pool child. It does nothing unless SAMSEG_TEST_FAULT is set:
 
     SAMSEG_TEST_FAULT="oom_above_batch:N"

@@ -1,6 +1,6 @@
 """Test-only: make a samseg subprocess behave as if only `pip install samseg` (no extras) had run.
 
-tests/test_packaging.py puts this directory first on a subprocess's PYTHONPATH and lists, in
+tests/system/test_packaging.py puts this directory first on a subprocess's PYTHONPATH and lists, in
 SAMSEG_TEST_BLOCKED_MODULES (comma-separated), the top-level modules of every installed distribution that a
 plain `pip install .` would not bring (moto, flask, flower, pytest, …: computed from the packages' own
 metadata, not written by hand). Importing one of them raises ModuleNotFoundError, exactly as in a venv that

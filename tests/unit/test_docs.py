@@ -152,7 +152,7 @@ def test_no_documented_setting_is_unknown():
 
 
 def test_documented_defaults_agree_with_env_example():
-    """.env.example sets each setting to its real default (tests/test_env_example.py); the docs say the same."""
+    """.env.example sets each setting to its real default (tests/unit/test_env_example.py); the docs say the same."""
     default_of = {name: cells[1] for names, cells in documented_rows() for name in names}
     disagree = []
     for name, value in env_example_values().items():

@@ -3,14 +3,14 @@
 Meta's download host (dl.fbaipublicfiles.com) is unreachable from CI, so a real HTTP server on
 127.0.0.1 stands in for it: the downloader runs its real httpx/streaming/rename code against a real
 socket serving a generated payload. Only the bytes differ from production, and a test manifest entry
-carries that payload's size and SHA-256 in place of the real checkpoint's.
+carries that payload's size and SHA-256 in place of the real checkpoint's. Two processes racing for one
+download are tests/integration/test_weights_processes.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.server
-import multiprocessing
 import os
 import re
 import socket
@@ -295,36 +295,5 @@ def test_ensure_from_threads_downloads_once(tmp_path: Path, meta: FakeMeta, mani
     for t in threads:
         t.join(60)
     assert results == [dest, dest, dest]
-    assert sum(meta.hits.values()) == 1
-    assert dest.read_bytes() == PAYLOAD
-
-
-def _ensure_in_child(url: str, dest: str, sha: str, size: int, barrier: typing.Any, queue: typing.Any) -> None:
-    manifest = {MODEL: replace(load_manifest()[MODEL], url=url, size=size, sha256=sha)}
-    barrier.wait()
-    try:
-        queue.put(str(ensure_checkpoint(MODEL, Path(dest), progress=False, manifest=manifest)))
-    except BaseException as exc:
-        queue.put(repr(exc))
-
-
-def test_ensure_from_processes_downloads_once(tmp_path: Path, meta: FakeMeta) -> None:
-    """Two worker processes starting together on one volume: one download, both get the file.
-
-    Children are spawned (they re-import this module, so they get the parent's hash as an argument).
-    """
-    meta.mode = "slow"
-    dest = tmp_path / f"{MODEL}.pt"
-    ctx = multiprocessing.get_context("spawn")
-    barrier, queue = ctx.Barrier(2), ctx.Queue()
-    args = (meta.url(), str(dest), PAYLOAD_SHA, len(PAYLOAD), barrier, queue)
-    procs = [ctx.Process(target=_ensure_in_child, args=args) for _ in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
-    assert results == [str(dest), str(dest)]
     assert sum(meta.hits.values()) == 1
     assert dest.read_bytes() == PAYLOAD

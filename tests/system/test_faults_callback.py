@@ -8,7 +8,7 @@ tests/faults/sitecustomize.py — the one in-process fault in this suite, since 
 run out of GPU memory.
 
 Stacks are module-scoped and serve many jobs (one uuid per case) to amortise worker start-up and model
-loading; helpers are shared with tests/test_faults_input.py.
+loading; helpers are shared with tests/system/test_faults_input.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.support import REPO, LoopbackServer, Recorded, Route, free_port
-from tests.test_faults_input import (
+from tests.system.test_faults_input import (
     Deployment,
     deployment,
     dump_logs_on_failure,  # noqa: F401  (autouse fixture: worker logs on failure)
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 JOB_TIMEOUT = 300  # seven SAM-2 jobs share two CPU cores with whatever else runs here
 MAX_ATTEMPTS, BACKOFF, BACKOFF_CAP, CALLBACK_TIMEOUT = 4, 0.2, 1.0, 2.0
 SLACK = 0.75  # scheduling, the PATCH itself, a loaded machine
-FAULTS_DIR = Path(__file__).resolve().parent / "faults"
+FAULTS_DIR = Path(__file__).resolve().parents[1] / "faults"
 
 CALLBACK_ENV = {
     "SAMSEG_CALLBACK_MAX_ATTEMPTS": str(MAX_ATTEMPTS),

@@ -8,8 +8,9 @@ running processes — a moto server behind loopback TCP proxies, real workers, r
    and its run ends `failed` with `worker_lost` (one callback);
 8. SIGTERM (scale-in) during a segment → the running job finishes, prefetched messages go back at once;
 9. no app server configured → a start-up warning, and the job status says why no callback went out.
-(3 — hangs — is tests/test_watchdog.py; 5 — memory — benchmarks/persist.py; 6 — health — tests/test_readyz.py
-and tests/test_metrics_hosts.py; 7 — packaging — tests/test_packaging.py.)
+(3 — hangs — is tests/integration/test_watchdog_workers.py; 5 — memory — benchmarks/persist.py; 6 — health —
+tests/integration/test_readyz.py and tests/integration/test_metrics_hosts.py; 7 — packaging —
+tests/system/test_packaging.py.)
 """
 
 from __future__ import annotations

@@ -1,15 +1,13 @@
-"""The job store's guarantees, on every backend, under real concurrency.
+"""The job store's guarantees under real concurrency, on SQLite (a real file): threads race on one uuid, the
+way several ingress consumers and stage workers do in production. Nothing of samseg is mocked.
 
-SQLite runs on a real file; DynamoDB is moto's server on loopback (the AWS stand-in: same wire protocol,
-conditional writes evaluated server-side). Threads and separate processes race on one uuid, the way
-several ingress consumers and stage workers do in production. Nothing of samseg is mocked.
+The same cases run against DynamoDB (moto's server on loopback) in tests/integration/test_job_store_dynamodb.py,
+which also races separate processes on both backends.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import random
-import secrets
 import threading
 import time
 from collections import Counter
@@ -17,7 +15,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import boto3
 import pytest
 
 from samseg.core.contracts import CallbackStatus, ErrorInfo, JobState, Stage
@@ -31,6 +28,8 @@ STAGES = [Stage.DOWNLOAD, Stage.SEGMENT, Stage.PERSIST, Stage.NOTIFY]
 
 
 def dynamo_client(moto_url: str):  # type: ignore[no-untyped-def]
+    import boto3
+
     return boto3.client(
         "dynamodb",
         endpoint_url=moto_url,
@@ -48,12 +47,10 @@ def make_backend(kind: str, where: str) -> JobBackend:
     return DynamoJobs(dynamo_client(moto_url), table, DAY)
 
 
-@pytest.fixture(params=["sqlite", "dynamodb"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
-    if request.param == "sqlite":
-        return "sqlite", str(tmp_path / "jobs.sqlite")
-    moto_url = request.getfixturevalue("moto_url")
-    return "dynamodb", f"{moto_url}|jobs-{secrets.token_hex(4)}"
+@pytest.fixture
+def target(tmp_path: Path) -> tuple[str, str]:
+    """(backend kind, where): SQLite here; tests/integration/test_job_store_dynamodb.py overrides it."""
+    return "sqlite", str(tmp_path / "jobs.sqlite")
 
 
 @pytest.fixture
@@ -83,29 +80,6 @@ def test_many_threads_claiming_one_uuid_get_exactly_one_run(store):
     assert decisions[Decision.DUPLICATE] == 15
     (winner,) = [c for c in claims if c.decision is Decision.RUN]  # type: ignore[attr-defined]
     assert store.get("job-a").run_id == winner.run_id
-
-
-def _claim_in_child(kind: str, where: str, uuid: str, worker: int, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    store = JobStore(make_backend(kind, where), STALE)
-    for attempt in range(4):
-        claim = store.claim(uuid, f"m-{worker}-{attempt}")
-        results.put((claim.decision.value, claim.record.run_id))
-
-
-def test_many_processes_claiming_one_uuid_get_exactly_one_run(store, target):
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    children = [context.Process(target=_claim_in_child, args=(*target, "job-p", w, results)) for w in range(6)]
-    for child in children:
-        child.start()
-    outcomes = [results.get(timeout=120) for _ in range(6 * 4)]
-    for child in children:
-        child.join(60)
-        assert child.exitcode == 0
-    runs = [run_id for decision, run_id in outcomes if decision == "run"]
-    assert len(runs) == 1, Counter(d for d, _ in outcomes)
-    assert {run_id for _, run_id in outcomes} == {runs[0]}  # everyone saw the same run
-    assert store.get("job-p").run_id == runs[0]
 
 
 def test_the_same_message_delivered_twice_at_once_yields_one_run(store):

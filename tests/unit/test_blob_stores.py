@@ -1,8 +1,8 @@
 """Blob stores (a local directory, S3) and the asset layout on top of them: publication order, re-runs,
 removal, key safety, and the purge that the job store drives.
 
-S3 is moto's server on loopback (the AWS stand-in: the real S3 protocol); the local store is a real
-directory. Both run the same tests.
+The local store is a real directory. The same store cases run against S3 — moto's server on loopback, the
+AWS stand-in speaking the real S3 protocol — in tests/integration/test_blob_stores_s3.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
 
@@ -27,17 +26,10 @@ from samseg.stores.purge import purge_expired, sweep_orphans
 from samseg.stores.sql_jobs import SqlJobs
 
 
-@pytest.fixture(params=["local", "s3"])
-def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
-    if request.param == "local":
-        return LocalBlobs(tmp_path / "assets")
-    moto_url = request.getfixturevalue("moto_url")
-    client = boto3.client(
-        "s3", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t"
-    )
-    bucket = f"b-{secrets.token_hex(4)}"
-    client.create_bucket(Bucket=bucket)
-    return S3Blobs(client, bucket, "some/prefix", concurrency=4)
+@pytest.fixture
+def blobs(tmp_path: Path) -> BlobStore:
+    """A local directory here; tests/integration/test_blob_stores_s3.py overrides it with S3 on moto."""
+    return LocalBlobs(tmp_path / "assets")
 
 
 def _masks(tmp_path: Path, count: int, height: int = 20, width: int = 30, seed: int = 0) -> PackedMasks:
