@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from samseg.api import assets, health, jobs
 from samseg.core.logs import configure_logging
 from samseg.core.settings import Settings, get_settings
-from samseg.ops import metrics  # noqa: F401  (first: it sets up prometheus_client's multiprocess mode)
+from samseg.ops import metrics
 from samseg.queue.sqs import JobQueues
 from samseg.stores import build_stores
 
@@ -25,6 +25,7 @@ log = structlog.get_logger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    metrics.setup(settings)  # this process tree's samples directory, before any sample is recorded
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
