@@ -81,10 +81,10 @@ def celery_argv(*args: str) -> list[str]:
 def configs(jobs_queue: str, prefix: str) -> dict[str, Config]:
     """Previous settings (samseg at ead9ca8: kombu's polling, prefork segment worker) and the new ones.
 
-    "new" takes its worker commands from samseg.cli, i.e. exactly what `samseg up` starts today; the compose
+    "new" takes its worker commands from samseg.cli.stack, i.e. exactly what `samseg up` starts today; the compose
     columns use compose.yaml's GPU worker command with the same queue names.
     """
-    from samseg.cli import up_worker_commands
+    from samseg.cli.stack import up_worker_commands
 
     io_q, gpu_q = f"{prefix}io", f"{prefix}gpu"
     previous_env = {"SAMSEG_SQS_PROMPT_POLLING": "false", "SAMSEG_VISIBILITY_TIMEOUT_SECONDS": "3600"}

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     aws_endpoint_url_sqs: str | None = Field(
         None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL")
     )
+    # Port of the SQS emulator (moto) that `samseg up` starts on 127.0.0.1 when no SQS endpoint is configured.
+    # Fixed, so that a client in another shell keeps one endpoint across restarts; 9324 is the port local SQS
+    # emulators (ElasticMQ) use by convention. 0 = a free port at every start.
+    local_sqs_port: int = Field(9324, ge=0, le=65535)
     jobs_queue: str = "samseg-jobs"
     queue_prefix: str = "samseg-"
     # The base visibility timeout of samseg's queues. Workers extend it every third of itself for each

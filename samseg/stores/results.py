@@ -46,6 +46,19 @@ def describe_segments(
     return segments
 
 
+def completed_body(
+    uuid: str,
+    masks: PackedMasks,
+    predicted_iou: Sequence[float],
+    stability_score: Sequence[float],
+    url_for: Callable[[int], str],
+    height: int,
+) -> CallbackBody:
+    """The `completed` callback body (and result.json) of one job: the persist stage's and `samseg segment`'s."""
+    segments = describe_segments(masks, predicted_iou, stability_score, url_for)
+    return CallbackBody(uuid=uuid, status="completed", segments=segments, image_width=masks.width, image_height=height)
+
+
 def write_result(blobs: BlobStore, prefix: str, masks: PackedMasks, body: CallbackBody) -> None:
     """The masks as PNGs (encoded and uploaded concurrently, a few at a time), then result.json, last."""
 

@@ -80,6 +80,7 @@ def test_samseg_up_runs_the_whole_stack_and_stops_cleanly(make_stack, http_serve
     env = {k: v for k, v in stack.env.items() if not k.startswith("AWS_")}  # no endpoint: up brings its own
     env.pop("SAMSEG_PUBLIC_BASE_URL", None)
     env.pop("SAMSEG_API_TOKEN", None)  # up generates one for its session
+    env["SAMSEG_LOCAL_SQS_PORT"] = "0"  # a free port: test runs side by side must not meet on the fixed one
     port = free_port()
     up = Proc("up", [str(VENV_BIN / "samseg"), "up", "--port", str(port)], env, tmp_path)
     try:
@@ -87,10 +88,11 @@ def test_samseg_up_runs_the_whole_stack_and_stops_cleanly(make_stack, http_serve
         api = f"http://localhost:{port}"
         wait_http(api + "/healthz", 60)
         assert f"API {api}" in up.output() and "samseg submit" in up.output()
-        # A token of its own for the session, shown in the banner and in the curl examples.
-        (token,) = re.findall(r"API token \(generated for this session\): (\S+)", up.output())
-        assert len(token) >= 32
-        assert f"curl -H 'Authorization: Bearer {token}' {api}/jobs/demo-1" in up.output()
+        # A token of its own for the session, printed once (an export line); the curl examples read it from there.
+        assert "API token: generated for this session" in up.output()
+        (token,) = re.findall(r"export SAMSEG_API_TOKEN=(\S+)", up.output())
+        assert len(token) >= 32 and up.output().count(token) == 1
+        assert f'curl -H "Authorization: Bearer $SAMSEG_API_TOKEN" {api}/jobs/demo-1' in up.output()
         auth = {"Authorization": f"Bearer {token}"}
         pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", up.output())]
         assert len(pids) == 5  # sqs, io worker, segment worker, beat, api

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from samseg.cli import up_worker_commands
+from samseg.cli.stack import up_worker_commands
 from tests.faults_support import callbacks, children, count_events, events, is_callback, task_received, wait_until
 from tests.support import REPO, VENV_BIN, Route, scene_png
 
