@@ -138,6 +138,13 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     _threads.extend([VisibilityKeeper(settings), heartbeat])
     for thread in _threads:
         thread.start()
+    # --- scale-in protection and bounded stop (prod-k8s): samseg/ops/scale_in.py, soft_shutdown.py; off by default
+    from samseg.ops import scale_in, scaling_signal, soft_shutdown
+
+    scale_in.install(settings, pool_cls)
+    scaling_signal.install()  # samseg_queue_wait_seconds on this worker's /metrics
+    soft_shutdown.install(settings, pool_cls, _threads)  # solo/threads pools; prefork: Celery's soft shutdown
+    # --- end scale-in protection
     if settings.metrics_port:
         from samseg.ops import metrics
 
@@ -223,6 +230,9 @@ def _ensure_weights(settings: Settings) -> None:
 def _worker_shutdown(**_: Any) -> None:
     for thread in _threads:
         thread.stop()
+    from samseg.ops import scale_in  # prod-k8s: clear this worker's scale-in protection
+
+    scale_in.uninstall()
     if _metrics_server is not None:
         _metrics_server.stop()
 
