@@ -159,16 +159,22 @@ class Settings(BaseSettings):
     # ECS protection lifetime (min), renewed every third of it while busy: how long a dead worker stays protected.
     scale_in_ecs_expires_minutes: int = Field(30, ge=1, le=2880)
     # Kubernetes API for the pod annotations; unset: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT.
+    # The next five also read the platform's own variable (KUBERNETES_SERVICE_HOST/PORT, POD_NAME, POD_NAMESPACE,
+    # ECS_AGENT_URI); the SAMSEG_ name wins where both are set.
     kubernetes_api_url: str | None = None
-    kubernetes_service_host: str | None = Field(None, validation_alias="KUBERNETES_SERVICE_HOST")
-    kubernetes_service_port: int = Field(443, validation_alias="KUBERNETES_SERVICE_PORT", ge=1, le=65535)
+    kubernetes_service_host: str | None = Field(
+        None, validation_alias=AliasChoices("SAMSEG_KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_HOST")
+    )
+    kubernetes_service_port: int = Field(
+        443, validation_alias=AliasChoices("SAMSEG_KUBERNETES_SERVICE_PORT", "KUBERNETES_SERVICE_PORT"), ge=1, le=65535
+    )
     # The pod's service-account token, CA and namespace (mounted by Kubernetes).
     kubernetes_service_account_dir: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount")
     # This pod's name and namespace, from the downward API (the namespace falls back to the service-account file).
-    pod_name: str | None = Field(None, validation_alias="POD_NAME")
-    pod_namespace: str | None = Field(None, validation_alias="POD_NAMESPACE")
+    pod_name: str | None = Field(None, validation_alias=AliasChoices("SAMSEG_POD_NAME", "POD_NAME"))
+    pod_namespace: str | None = Field(None, validation_alias=AliasChoices("SAMSEG_POD_NAMESPACE", "POD_NAMESPACE"))
     # Set by the ECS agent in every task (ECS container agent >= 1.39).
-    ecs_agent_uri: str | None = Field(None, validation_alias="ECS_AGENT_URI")
+    ecs_agent_uri: str | None = Field(None, validation_alias=AliasChoices("SAMSEG_ECS_AGENT_URI", "ECS_AGENT_URI"))
     # Celery's worker_soft_shutdown_timeout: with REMAP_SIGTERM=SIGQUIT, SIGTERM lets running tasks work this long,
     # then hands their messages back to SQS; keep it below the platform's grace period. 0 = wait for the tasks.
     worker_soft_shutdown_timeout_seconds: float = Field(0.0, ge=0, le=3600)
