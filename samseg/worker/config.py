@@ -49,8 +49,9 @@ task_acks_on_failure_or_timeout = True
 # One message per pool slot by default; a worker command may prefetch more (`samseg up`'s prefork segment
 # worker takes --prefetch-multiplier 2 so the next segment message is already local when one ends).
 worker_prefetch_multiplier = 1
-# prod-k8s: with REMAP_SIGTERM=SIGQUIT (set in the manifests), SIGTERM waits this long for running tasks, then hands
-# their messages back to SQS (docs/deployment-kubernetes.md, "Grace periods"). 0 = Celery's default (no soft wait).
+# prod-k8s: prefork workers with REMAP_SIGTERM=SIGQUIT (the io worker in deploy/): SIGTERM waits this long for running
+# tasks, then hands their messages back to SQS. Thread pools use samseg/ops/soft_shutdown.py instead (Celery cannot
+# cancel a thread). docs/deployment-kubernetes.md "Grace periods". 0 = Celery's default (no soft wait).
 worker_soft_shutdown_timeout = _s.worker_soft_shutdown_timeout_seconds
 worker_hijack_root_logger = False
 worker_send_task_events = False
