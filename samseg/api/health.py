@@ -27,6 +27,12 @@ class HealthState:
             lambda: {name: self.probe.depth(name) for name in queues}, settings.queue_depth_interval_seconds
         )
         self.disk = metrics.DiskCollector(settings.assets_dir)
+        # prod-k8s: visible + in-flight per queue, the autoscalers' signal (samseg/ops/scaling_signal.py)
+        from samseg.ops.scaling_signal import BacklogPoller, backlog_reader
+
+        self.backlog = BacklogPoller(
+            backlog_reader(self.probe.client, self.probe.url, names), settings.queue_depth_interval_seconds
+        )
 
 
 def _state(request: Request) -> HealthState:
@@ -53,6 +59,8 @@ def prometheus_metrics(request: Request) -> Response:
     """Prometheus text format: this API process's samples, queue depth, free disk (workers serve their own)."""
     state = _state(request)
     state.queue_depth.ensure_started()
+    state.backlog.ensure_started()  # prod-k8s
     return Response(
-        metrics.render(state.queue_depth, state.disk), media_type="text/plain; version=0.0.4; charset=utf-8"
+        metrics.render(state.queue_depth, state.disk, state.backlog),
+        media_type="text/plain; version=0.0.4; charset=utf-8",
     )

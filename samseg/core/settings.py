@@ -165,6 +165,35 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     queue_depth_interval_seconds: float = Field(15.0, gt=0)  # the API's background read of queue depths
 
+    # --- platform: scale-in and shutdown (docs/deployment-kubernetes.md) ------------------------------------
+    # While a worker runs a segment it asks its platform not to remove it (samseg/ops/scale_in.py): `kubernetes`
+    # (its own pod's pod-deletion-cost and do-not-evict annotations) or `ecs` (ECS task scale-in protection).
+    scale_in_protection: Literal["off", "kubernetes", "ecs"] = "off"
+    # Timeout (s) of one protection request; they run on their own thread, never on a task's.
+    scale_in_request_timeout_seconds: float = Field(2.0, gt=0, le=30)
+    # ECS protection lifetime (min), renewed every third of it while busy: how long a dead worker stays protected.
+    scale_in_ecs_expires_minutes: int = Field(30, ge=1, le=2880)
+    # Kubernetes API for the pod annotations; unset: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT.
+    # The next five also read the platform's own variable (KUBERNETES_SERVICE_HOST/PORT, POD_NAME, POD_NAMESPACE,
+    # ECS_AGENT_URI); the SAMSEG_ name wins where both are set.
+    kubernetes_api_url: str | None = None
+    kubernetes_service_host: str | None = Field(
+        None, validation_alias=AliasChoices("SAMSEG_KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_HOST")
+    )
+    kubernetes_service_port: int = Field(
+        443, validation_alias=AliasChoices("SAMSEG_KUBERNETES_SERVICE_PORT", "KUBERNETES_SERVICE_PORT"), ge=1, le=65535
+    )
+    # The pod's service-account token, CA and namespace (mounted by Kubernetes).
+    kubernetes_service_account_dir: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+    # This pod's name and namespace, from the downward API (the namespace falls back to the service-account file).
+    pod_name: str | None = Field(None, validation_alias=AliasChoices("SAMSEG_POD_NAME", "POD_NAME"))
+    pod_namespace: str | None = Field(None, validation_alias=AliasChoices("SAMSEG_POD_NAMESPACE", "POD_NAMESPACE"))
+    # Set by the ECS agent in every task (ECS container agent >= 1.39).
+    ecs_agent_uri: str | None = Field(None, validation_alias=AliasChoices("SAMSEG_ECS_AGENT_URI", "ECS_AGENT_URI"))
+    # Celery's worker_soft_shutdown_timeout: with REMAP_SIGTERM=SIGQUIT, SIGTERM lets running tasks work this long,
+    # then hands their messages back to SQS; keep it below the platform's grace period. 0 = wait for the tasks.
+    worker_soft_shutdown_timeout_seconds: float = Field(0.0, ge=0, le=3600)
+
     # --- logging ---------------------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool | None = None
@@ -311,7 +340,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "app_server_url", "aws_endpoint_url_sqs", "aws_endpoint_url_s3", "aws_endpoint_url_dynamodb", "weights_base_url"
+        "app_server_url",
+        "aws_endpoint_url_sqs",
+        "aws_endpoint_url_s3",
+        "aws_endpoint_url_dynamodb",
+        "weights_base_url",
+        "kubernetes_api_url",
+        "ecs_agent_uri",
     )
     @classmethod
     def _check_optional_url(cls, value: str | None) -> str | None:

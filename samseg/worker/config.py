@@ -29,6 +29,8 @@ def celery_config(s: Settings) -> dict[str, Any]:
         # samseg prefixes its own queue names itself (see task_queues): kombu's queue_name_prefix would also
         # rename the app server's jobs queue, whose name must stay exactly SAMSEG_JOBS_QUEUE.
         "queue_name_prefix": "",
+        # SentTimestamp for samseg_queue_wait_seconds (samseg/ops/scaling_signal.py); kombu needs the other.
+        "fetch_message_attributes": ["ApproximateReceiveCount", "SentTimestamp"],
     }
     broker_connection_retry_on_startup = True
     # Publishing the next link of a chain (or a retry) rides out a short SQS outage: ~1 min of retries before the
@@ -54,6 +56,10 @@ def celery_config(s: Settings) -> dict[str, Any]:
     # One message per pool slot by default; a worker command may prefetch more (`samseg up`'s prefork segment
     # worker takes --prefetch-multiplier 2 so the next segment message is already local when one ends).
     worker_prefetch_multiplier = 1
+    # Prefork workers with REMAP_SIGTERM=SIGQUIT (the io worker in deploy/): SIGTERM waits this long for running
+    # tasks, then hands their messages back to SQS. Thread pools use samseg/ops/soft_shutdown.py instead (Celery
+    # cannot cancel a thread). docs/deployment-kubernetes.md "Grace periods". 0 = Celery's default (no soft wait).
+    worker_soft_shutdown_timeout = s.worker_soft_shutdown_timeout_seconds
     worker_hijack_root_logger = False
     worker_send_task_events = False
     task_send_sent_event = False

@@ -81,7 +81,7 @@ class WorkerServices:
             log.warning("visibility_timeout_too_short", problem=problem, consequence="long tasks may run twice")
 
     def on_worker_ready(self, sender: Any = None, **_: Any) -> None:
-        from samseg.ops import metrics
+        from samseg.ops import metrics, scale_in, scaling_signal, soft_shutdown
         from samseg.ops.health import Heartbeat
         from samseg.ops.watchdog import StageWatchdog, watches_pool, worker_hard_timeout
         from samseg.queue.visibility import VisibilityKeeper
@@ -105,6 +105,10 @@ class WorkerServices:
         self.threads.extend([VisibilityKeeper(settings), heartbeat])
         for thread in self.threads:
             thread.start()
+        # Scale-in protection (off by default) and the bounded stop of thread pools; prefork: Celery's soft shutdown.
+        scale_in.install(settings, pool_cls)
+        scaling_signal.install()  # samseg_queue_wait_seconds on this worker's /metrics
+        soft_shutdown.install(settings, pool_cls, self.threads)
         if settings.metrics_port:
             self.metrics_server = metrics.serve(settings.metrics_port, settings.metrics_host)
         log.info(
@@ -118,8 +122,11 @@ class WorkerServices:
         )
 
     def on_worker_shutdown(self, **_: Any) -> None:
+        from samseg.ops import scale_in
+
         for thread in self.threads:
             thread.stop()
+        scale_in.uninstall()
         if self.metrics_server is not None:
             self.metrics_server.stop()
 
