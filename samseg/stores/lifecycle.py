@@ -60,6 +60,11 @@ STAGE_ORDER = (Stage.DOWNLOAD, Stage.SEGMENT, Stage.PERSIST, Stage.NOTIFY)
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
+def published(r: JobRecord) -> bool:
+    """Persist handed the run on: its result is published, so the run can only complete."""
+    return r.status is JobState.RUNNING and (r.stage is Stage.NOTIFY or (r.stage is Stage.PERSIST and r.handed_off))
+
+
 # --- what a stage is told when it starts ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Hold:
@@ -112,7 +117,7 @@ class AttemptResult:
 class SweepKind(StrEnum):
     REPUBLISH = "republish"  # publish the chain from `stage` with `payload`
     DELIVER = "deliver"  # publish a callback attempt
-    FAILED = "failed"  # the run was failed `stalled` (its callback is in the outbox: deliver too)
+    FAILED = "failed"  # the run was ended (`stalled`, or completed if published): its callback is in the outbox
 
 
 @dataclass(frozen=True)
@@ -258,12 +263,15 @@ class Lifecycle:
         token: str | None = None,
         stage: Stage | None = None,
         lease_expired: bool = False,
+        result_missing: bool = False,
     ) -> bool:
         """End the run `failed` and open its callback outbox, in one write — only if the failing copy may:
 
         with `token`, only the lease's holder; with `stage`, only while that stage is still current (and, with
         `lease_expired`, only once its holder is gone); with neither (a run that never started a stage), only
-        while it is queued. False: the run moved on, ended, or another copy holds it — nothing is sent.
+        while it is queued. Never once persist handed the run on: its result is published, so the run can only
+        complete (the sweeper completes it if notify keeps getting lost) — unless `result_missing` (notify found
+        the published result gone). False: the run moved on, ended, or another copy holds it — nothing is sent.
         """
 
         def decide(r: JobRecord, now: float) -> tuple[bool, JobRecord | None]:
@@ -276,6 +284,8 @@ class Lifecycle:
             if stage is not None and (r.stage is not stage or (r.status is JobState.QUEUED)):
                 return False, None
             if lease_expired and r.lease_token is not None and r.lease_until > now:
+                return False, None
+            if published(r) and not result_missing:
                 return False, None
             return True, self._ended(r, JobState.FAILED, error, now)
 
@@ -412,6 +422,9 @@ class Lifecycle:
             if republish is None:
                 return None, None
             stage, payload = republish
+            if published(r) and (r.republished >= self.settings.sweep_max_republish or payload is None):
+                # notify keeps getting lost, but the result is published: the run completed.
+                return SweepAction(SweepKind.FAILED, r.uuid, run_id), self._ended(r, JobState.COMPLETED, None, now)
             if r.republished >= self.settings.sweep_max_republish or payload is None:
                 error = ErrorInfo(
                     code="stalled",

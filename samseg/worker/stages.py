@@ -127,7 +127,7 @@ def notify(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
     lease = self.hold(job, Stage.NOTIFY)
     if not self.stores.assets.is_published(uuid):
         error = ErrorInfo(code="result_missing", message="the job's result.json is gone (purged?)")
-        ended = self.lifecycle.fail(uuid, run_id, error, token=lease.token)
+        ended = self.lifecycle.fail(uuid, run_id, error, token=lease.token, result_missing=True)
         state = JobState.FAILED
     else:
         ended = self.lifecycle.complete(uuid, run_id, lease.token)

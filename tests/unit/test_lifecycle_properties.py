@@ -1,0 +1,72 @@
+"""The lifecycle's promises for every interleaving, on the SQLite job store (tests/lifecycle_machine.py says
+what is played and what is checked). Examples: CI-sized (see MACHINE_SETTINGS); each example is up to
+STEPS steps of interleaved parties, so one run covers EXAMPLES × STEPS interleavings' worth of steps."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis.stateful import run_state_machine_as_test
+
+from samseg.stores.sql_jobs import SqlJobs
+from tests.lifecycle_machine import LifecycleMachine
+
+EXAMPLES, STEPS = 150, 80
+MACHINE_SETTINGS = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=STEPS,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs() -> Iterator[None]:
+    """Thousands of lifecycle transitions: keep their info lines out of the run (warnings still show)."""
+    previous = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    yield
+    structlog.configure(**previous)
+
+
+def test_every_interleaving_ends_each_run_once_on_sqlite(tmp_path: Path) -> None:
+    databases = iter(range(10**9))
+
+    class OnSqlite(LifecycleMachine):
+        def make_backend(self) -> SqlJobs:  # type: ignore[override]
+            backend = SqlJobs(tmp_path / f"jobs-{next(databases)}.sqlite", 14 * 86400)
+            backend.ensure()
+            return backend
+
+    run_state_machine_as_test(OnSqlite, settings=MACHINE_SETTINGS)
+
+
+def test_the_machine_catches_a_broken_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The properties can fail: with `fail` trusting any copy of the current stage (no lease token, no
+    published-result rule — what samseg did before this lifecycle), the machine finds a run failed by a copy
+    that had lost it, after its result was published."""
+    from samseg.stores import lifecycle
+
+    original_fail = lifecycle.Lifecycle.fail
+
+    def fail(self, uuid, run_id, error, *, token=None, stage=None, **kwargs):  # type: ignore[no-untyped-def]
+        return original_fail(self, uuid, run_id, error, stage=self.jobs.get(uuid).stage, result_missing=True)
+
+    monkeypatch.setattr(lifecycle.Lifecycle, "fail", fail)
+    databases = iter(range(10**9))
+
+    class Broken(LifecycleMachine):
+        def make_backend(self) -> SqlJobs:  # type: ignore[override]
+            backend = SqlJobs(tmp_path / f"broken-{next(databases)}.sqlite", 14 * 86400)
+            backend.ensure()
+            return backend
+
+    with pytest.raises(AssertionError, match="published|ended"):
+        run_state_machine_as_test(
+            Broken, settings=settings(MACHINE_SETTINGS, max_examples=300, database=None, phases=[Phase.generate])
+        )
