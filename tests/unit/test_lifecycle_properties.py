@@ -1,6 +1,6 @@
 """The lifecycle's promises for every interleaving, on the SQLite job store (tests/lifecycle_machine.py says
 what is played and what is checked). Examples: CI-sized (see MACHINE_SETTINGS); each example is up to
-STEPS steps of interleaved parties, so one run covers EXAMPLES × STEPS interleavings' worth of steps."""
+STEPS steps of interleaved parties: 150 examples x 80 steps, about 12,000 steps on each run of the suite."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_the_machine_catches_a_broken_lifecycle(tmp_path: Path, monkeypatch: pyt
             backend.ensure()
             return backend
 
-    with pytest.raises(AssertionError, match="published|ended"):
+    with pytest.raises(AssertionError, match=r"published|ended"):
         run_state_machine_as_test(
             Broken, settings=settings(MACHINE_SETTINGS, max_examples=300, database=None, phases=[Phase.generate])
         )
