@@ -165,7 +165,8 @@ def check_visibility(settings: Settings) -> list[str]:
 
     Too short means under MIN_KEPT_TIMEOUT_SECONDS and not longer than the segment time limit: long tasks
     then depend on every keeper round being on time. (A queue whose timeout is longer than configured, e.g.
-    created by an older samseg with 3600 s, is brought in line by `JobQueues.ensure` at worker start.)
+    created by an older samseg with 3600 s, is brought in line by `JobQueues.ensure` at worker start — except
+    the jobs queue and its DLQ, which may be the app server's: there it is reported, not changed.)
     """
     from samseg.queue.sqs import JobQueues
 
