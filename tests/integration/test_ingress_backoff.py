@@ -76,3 +76,27 @@ def test_job_store_outage_backs_off_as_promised_and_the_redrive_policy_outlasts_
     assert gap1 >= retry_delay(1) - 1 and gap2 >= retry_delay(2) - 2
     survives = sum(retry_delay(k) for k in range(1, max_receives + 1))
     assert survives >= OUTAGE_TO_SURVIVE_SECONDS, f"{max_receives} receives span only {survives}s of outage"
+
+
+def test_a_failed_sqs_publish_is_handed_back_with_the_delay_then_waits_out_the_publish_lease(make_stack, images):
+    """The chain cannot be published (the io queue refuses the message: MaximumMessageSize 1024 bytes, set on
+    the queue the way an operator mistake or an SQS fault would): receive 1 is handed back for 15 s; receive
+    2 finds its own claim still leased (PUBLISH_LEASE_SECONDS) and waits 60 s; receive 3 publishes again."""
+    stack = make_stack(**LAZY)
+    client = stack.sqs()
+    prefix = stack.env["SAMSEG_QUEUE_PREFIX"]
+    io_url = client.create_queue(QueueName=f"{prefix}io")["QueueUrl"]
+    client.set_queue_attributes(QueueUrl=io_url, Attributes={"MaximumMessageSize": "1024"})
+    worker = stack.start_worker("-c", "1")
+    uuid = "publish-refused-1"
+    stack.send_raw(json.dumps({"uuid": uuid, "image_url": f"{images.url}/ok.png"}))
+    wait_until(lambda: len(_failures(worker, uuid)) >= 2, 150, "two failed publishes")
+    busy = [e for e in events(worker) if e.get("event") == "job_delivery_busy" and e.get("job_uuid") == uuid]
+    first, third = _failures(worker, uuid)[:2]
+    assert first["retry_in_seconds"] == 15 and first["receives"] == 1
+    assert len(busy) == 1 and _at(busy[0]) - _at(first) >= 14  # the old code: ~10 s
+    assert third["receives"] == 3 and third["retry_in_seconds"] == 60 and _at(third) - _at(busy[0]) >= 55
+    assert count_events(worker, "ingress_delay_not_set") == 0
+    jobs_url = client.get_queue_url(QueueName=stack.jobs_queue)["QueueUrl"]
+    hidden = client.get_queue_attributes(QueueUrl=jobs_url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"])
+    assert hidden["Attributes"]["ApproximateNumberOfMessagesNotVisible"] == "1"  # kept on the queue, not lost
