@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+import threading
+import time
+from typing import Annotated, Any
 
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
+
+from samseg.api.auth import bearer_scheme, token_matches
 from samseg.api.deps import SettingsDep, StoresDep, authenticated
 from samseg.core.settings import Settings
 from samseg.ops import metrics  # first: it configures prometheus_client's multiprocess mode
-from samseg.ops.health import readiness
+from samseg.ops.health import public_checks, readiness
 from samseg.queue.sqs import JobQueues, probe_client
+from samseg.stores import Stores
 
 router = APIRouter(tags=["health"])
 
@@ -33,6 +40,24 @@ class HealthState:
         self.backlog = BacklogPoller(
             backlog_reader(self.probe.client, self.probe.url, names), settings.queue_depth_interval_seconds
         )
+        self.ready_ttl = settings.readyz_cache_seconds
+        self._ready: tuple[float, float, bool, dict[str, dict[str, Any]]] | None = None
+        self._ready_lock = threading.Lock()
+
+    def readiness(self, settings: Settings, stores: Stores) -> tuple[float, bool, dict[str, dict[str, Any]]]:
+        """The last round of checks if younger than SAMSEG_READYZ_CACHE_SECONDS, else a new round.
+
+        One round at a time (the lock): probes arriving during a round wait for it and share its answer
+        instead of each calling SQS and the stores.
+        """
+        with self._ready_lock:
+            cached = self._ready
+            if cached is not None and time.monotonic() - cached[0] < self.ready_ttl:
+                return cached[1], cached[2], cached[3]
+            checked_at = time.time()
+            ok, checks = readiness(settings, lambda: self.probe.reachable(settings.jobs_queue), stores)
+            self._ready = (time.monotonic(), checked_at, ok, checks)
+            return checked_at, ok, checks
 
 
 def _state(request: Request) -> HealthState:
@@ -47,11 +72,22 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def readyz(request: Request, settings: SettingsDep, stores: StoresDep) -> JSONResponse:
-    """Ready to take jobs: SQS, the blob store and the job store answer. 503 lists what does not."""
-    probe = _state(request).probe
-    ok, checks = readiness(settings, lambda: probe.reachable(settings.jobs_queue), stores)
-    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
+def readyz(
+    request: Request,
+    settings: SettingsDep,
+    stores: StoresDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> JSONResponse:
+    """Ready to take jobs: SQS, the blob store and the job store answer. 503 lists what does not.
+
+    Anyone (a load balancer, Kubernetes) gets the verdict and which check failed; the details — queue,
+    bucket, table and path names, error texts — only a caller with a valid API token.
+    """
+    checked_at, ok, checks = _state(request).readiness(settings, stores)
+    insider = credentials is not None and token_matches(credentials.credentials, settings.api_tokens())
+    shown = checks if insider else public_checks(checks)
+    body = {"status": "ready" if ok else "not ready", "checks": shown, "checked_at": round(checked_at, 3)}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/metrics", response_class=Response, dependencies=[authenticated])

@@ -13,6 +13,7 @@ import structlog
 from fastapi import FastAPI
 
 from samseg.api import assets, health, jobs
+from samseg.api.limits import BodySizeLimit
 from samseg.core.logs import configure_logging
 from samseg.core.settings import Settings, get_settings
 from samseg.ops import metrics
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="SAM-2 automatic masks: job status and mask assets",
         lifespan=lifespan,
     )
+    # Before any route reads a body (FastAPI parses a JSON body before it checks the bearer token).
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(assets.router)

@@ -57,9 +57,17 @@ class Segment(BaseModel):
     center_point: Point
 
 
+def _no_host_paths(value: str | None) -> str | None:
+    from samseg.core.errors import scrub_host_paths
+
+    return scrub_host_paths(value) if value else value
+
+
 class ErrorInfo(BaseModel):
     code: str
-    message: str
+    # Built from exception texts (an OSError names its file): host paths are scrubbed wherever it is built,
+    # so neither the callback nor GET /jobs/{uuid} shows the worker's directories.
+    message: Annotated[str, AfterValidator(_no_host_paths)]
 
 
 class CallbackBody(BaseModel):
@@ -112,7 +120,7 @@ class CallbackStatus(BaseModel):
     delivered: bool
     attempts: int
     http_status: int | None = None
-    error: str | None = None
+    error: Annotated[str | None, AfterValidator(_no_host_paths)] = None
     state: OutboxState | None = None
     first_attempt_at: float | None = None
     next_attempt_at: float | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class JobError(Exception):
     """An expected, permanent failure of one job (bad input, unreachable image, model error).
@@ -54,3 +56,19 @@ def is_transient(exc: BaseException) -> bool:
         return "locked" in str(exc) or "busy" in str(exc)
     cause = exc.__cause__ or exc.__context__
     return cause is not None and cause is not exc and is_transient(cause)
+
+
+# An absolute POSIX path that is not part of a URL: a `/` preceded by nothing, a space, a quote or `(`
+# (never by `:`, `/`, `=`, `?`, `&` or a word character, so `https://host/a/b?x=/y` is left alone).
+_HOST_PATH = re.compile(r"(?<![\w:/.~=?&-])/(?:[\w.@+~-]+/?)+")
+HIDDEN_PATH = "<path>"
+
+
+def scrub_host_paths(text: str) -> str:
+    """`text` with this host's file paths replaced by `<path>`, for messages that leave the host.
+
+    An OSError's text names the file (`[Errno 28] No space left on device: '/var/lib/samseg/scratch/…'`);
+    the app server and API clients get the error code and the gist, not the worker's directory layout.
+    URLs (`https://host/path`) are kept: they are the caller's own input.
+    """
+    return _HOST_PATH.sub(HIDDEN_PATH, text)

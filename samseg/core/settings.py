@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     # Bearer token(s) for POST /jobs, GET /jobs/{uuid} and /metrics; comma-separated to rotate. Unset = those
     # routes answer 401 (secure by default: the app server's way in is SQS, guarded by IAM).
     api_token: SecretStr | None = None
+    # Largest request body the API reads (POST /jobs), checked before the body is read (samseg.api.limits).
+    api_max_body_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
 
     # --- download --------------------------------------------------------------------------------------
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
@@ -156,6 +158,9 @@ class Settings(BaseSettings):
     worker_heartbeat_interval_seconds: float = Field(10.0, gt=0)
     preload_model: bool = True
     min_free_disk_bytes: int = Field(1024**3, ge=0)
+    # /readyz answers from its last round of checks for this long (0 = check on every request): a probe
+    # storm costs at most one round of SQS/store calls per period.
+    readyz_cache_seconds: float = Field(5.0, ge=0, le=60)
 
     # --- metrics ---------------------------------------------------------------------------------------
     # Per-host directory for prometheus_client's multiprocess files (never the assets volume); unset: the

@@ -156,6 +156,11 @@ def readiness(settings: Settings, broker_check: Check, stores: Stores) -> tuple[
     return all(r["ok"] for r in results.values()), results
 
 
+def public_checks(checks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What /readyz shows a caller without the API token: each check's verdict, none of its detail."""
+    return {name: {"ok": bool(result.get("ok"))} for name, result in checks.items()}
+
+
 def _check_disk(folder: Path, minimum: int) -> str:
     free = shutil.disk_usage(folder).free
     if free < minimum:

@@ -54,16 +54,22 @@ class JobQueues:
         return self._urls[name]
 
     def ensure(self) -> dict[str, str]:
-        """Create (or update) the jobs queue, its DLQ with a redrive policy, and Celery's queues."""
+        """Create what is missing: the jobs queue with a redrive policy to its DLQ, and Celery's queues.
+
+        The jobs queue and its DLQ may belong to the app server (it sends to them, its infrastructure may
+        create them): an existing one keeps its attributes, and a difference from what samseg would set is
+        logged (`jobs_queue_drift`) rather than overwritten. Celery's queues and their DLQs are samseg's own
+        and are brought in line.
+        """
         s = self.settings
         visibility = str(s.visibility_timeout_seconds)
-        dlq_url = self._create(s.dead_letter_queue, {"MessageRetentionPeriod": str(14 * 24 * 3600)})
+        dlq_url = self._create_or_keep(s.dead_letter_queue, {"MessageRetentionPeriod": str(14 * 24 * 3600)})
         dlq_arn = self.client.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
             "QueueArn"
         ]
         redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(s.jobs_max_receive_count)})
         jobs_attrs = {"VisibilityTimeout": visibility, "RedrivePolicy": redrive, "ReceiveMessageWaitTimeSeconds": "10"}
-        jobs_url = self._create(s.jobs_queue, jobs_attrs)
+        jobs_url = self._create_or_keep(s.jobs_queue, jobs_attrs)
         urls = {s.jobs_queue: jobs_url, s.dead_letter_queue: dlq_url}
         for name, dead_letters in s.task_dead_letter_queues.items():
             # Celery's queues: a task message received SAMSEG_TASK_MAX_RECEIVE_COUNT times without being
@@ -78,6 +84,27 @@ class JobQueues:
     def arn(self, url: str) -> str:
         attrs = self.client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]
         return attrs["QueueArn"]
+
+    def _create_or_keep(self, name: str, attributes: dict[str, str]) -> str:
+        """Create `name` with `attributes` if it does not exist; else leave it as it is and report drift."""
+        try:
+            url = self.client.get_queue_url(QueueName=name)["QueueUrl"]
+        except self.client.exceptions.QueueDoesNotExist:
+            return self._create(name, attributes)
+        self._urls[name] = url
+        answer = self.client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
+        actual: dict[str, str] = {str(k): v for k, v in answer.get("Attributes", {}).items()}
+        for attribute, expected in attributes.items():
+            if not _same(attribute, expected, actual.get(attribute)):
+                log.warning(
+                    "jobs_queue_drift",
+                    queue=name,
+                    attribute=attribute,
+                    expected=expected,
+                    actual=actual.get(attribute),
+                    action="left as it is (the queue may be the app server's)",
+                )
+        return url
 
     def _create(self, name: str, attributes: dict[str, str]) -> str:
         try:
@@ -137,3 +164,18 @@ class JobQueues:
             QueueUrl=self.url(name), AttributeNames=["ApproximateNumberOfMessages"]
         )
         return int(attrs["Attributes"]["ApproximateNumberOfMessages"])
+
+
+def _same(attribute: str, expected: str, actual: str | None) -> bool:
+    if actual is None:
+        return False
+    if attribute == "RedrivePolicy":  # JSON: maxReceiveCount may come back as a number or a string
+        try:
+            want, have = json.loads(expected), json.loads(actual)
+        except ValueError:
+            return False
+        return bool(
+            want.get("deadLetterTargetArn") == have.get("deadLetterTargetArn")
+            and str(want.get("maxReceiveCount")) == str(have.get("maxReceiveCount"))
+        )
+    return expected == actual

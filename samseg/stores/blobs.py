@@ -368,7 +368,25 @@ class S3Blobs:
         return url
 
     def check(self) -> str:
+        """The bucket answers, and a missing key answers 404: samseg reads only 404 as "absent".
+
+        Without s3:ListBucket on the bucket (unconditioned: a grant limited by s3:prefix does not count for
+        GET/HEAD) S3 answers 403 for a missing key, and every not-yet-published job would look like an error.
+        """
+        from botocore.exceptions import ClientError
+
         self.client.head_bucket(Bucket=self.bucket)
+        probe = self._key(f".samseg/missing-key-probe-{secrets.token_hex(4)}")
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=probe)
+        except ClientError as exc:
+            if _status(exc) == 403:
+                raise BlobError(
+                    f"missing keys answer 403 in s3://{self.bucket}: grant s3:ListBucket on the bucket "
+                    "(config/iam-policy.json, docs/deployment.md#iam-permissions)"
+                ) from exc
+            if _status(exc) != 404:
+                raise
         return f"s3://{self.bucket}/{self.prefix}"
 
 

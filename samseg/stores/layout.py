@@ -89,8 +89,15 @@ class Assets:
     def discard_work(self, uuid: str, run_id: str | None = None) -> int:
         return self.blobs.delete_prefix(work_prefix(uuid, run_id))
 
-    def remove_job(self, uuid: str) -> int:
-        """Unpublish first (result.json), then delete the masks and any work files left of the job."""
+    def remove_job(self, uuid: str, run_id: str | None = None) -> int:
+        """Unpublish first (result.json), then delete the masks and the work files of `run_id`.
+
+        Only the named run's work files: a run started since the caller checked the record keeps its own.
+        Without a run (no record says which), every run's work files go.
+        """
         published = self.blobs.head(result_key(uuid)) is not None
         self.blobs.delete([result_key(uuid)])
-        return int(published) + self.blobs.delete_prefix(checked(uuid)) + self.discard_work(uuid)
+        removed = int(published) + self.blobs.delete_prefix(checked(uuid))
+        if run_id is None or RUN_ID.fullmatch(run_id):
+            removed += self.discard_work(uuid, run_id)
+        return removed

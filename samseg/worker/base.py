@@ -25,6 +25,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from samseg.core.contracts import ErrorInfo, Stage
 from samseg.core.errors import JobError, is_transient
 from samseg.core.settings import Settings, get_settings
+from samseg.ops.scratch import scratch_prefix
 from samseg.stores import Stores, build_stores
 from samseg.stores.layout import work_key
 from samseg.stores.lifecycle import Busy, Hold, Lifecycle
@@ -131,7 +132,7 @@ class StageTask(Task):  # type: ignore[misc]
         """A host-local temporary folder for files on their way to or from the blob store."""
         root = self.settings.scratch_dir
         root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=root) as folder:
+        with tempfile.TemporaryDirectory(dir=root, prefix=scratch_prefix()) as folder:
             yield Path(folder)
 
     def fetch_work(self, job: dict[str, Any], name: str, dest: Path) -> Path:

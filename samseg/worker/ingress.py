@@ -123,21 +123,27 @@ class IngressHandler:
     def _release(self, message: Message, delay: int) -> None:
         """Hand the message back to SQS, visible again after `delay` seconds (not after its visibility timeout).
 
-        kombu's requeue makes it visible after its poll wait; the visibility change after it sets the delay.
-        If SQS is unreachable for both, the message reappears when its visibility timeout runs out.
+        One ChangeMessageVisibility with the delay, then the message is forgotten locally (its prefetch slot
+        freed; nothing is deleted). kombu's `message.requeue()` is not used: on SQS it pops `sqs_queue` and
+        `sqs_message` from delivery_info and shows the message again after the poll wait (~10 s), so a later
+        visibility change could not find the queue and the backoff never reached SQS. If SQS is unreachable,
+        the message reappears when its visibility timeout runs out — later, never sooner.
         """
-        try:
-            message.requeue()
-        except Exception as exc:
-            log.warning("ingress_requeue_failed", error=repr(exc))
-            message.channel.qos.reject(message.delivery_tag, requeue=False)  # forget it locally; SQS keeps it
         info = message.delivery_info or {}
+        queue_url = info.get("sqs_queue")
+        receipt = (info.get("sqs_message") or {}).get("ReceiptHandle") or message.delivery_tag
         try:
+            if not queue_url or not receipt:
+                raise LookupError("no SQS queue URL or receipt handle in delivery_info")
             self.queues.client.change_message_visibility(
-                QueueUrl=info["sqs_queue"], ReceiptHandle=message.delivery_tag, VisibilityTimeout=delay
+                QueueUrl=queue_url, ReceiptHandle=receipt, VisibilityTimeout=min(43200, max(0, int(delay)))
             )
         except Exception as exc:
-            log.warning("ingress_delay_not_set", error=repr(exc))
+            log.warning("ingress_delay_not_set", error=repr(exc), consequence="back after its visibility timeout")
+        try:
+            message.channel.qos.reject(message.delivery_tag, requeue=False)  # forget it locally; SQS keeps it
+        except Exception as exc:
+            log.warning("ingress_release_failed", error=repr(exc))
 
     def _reject(self, bad: InvalidJob, raw: str, message_id: str | None, message: Message) -> None:
         """Dead-letter a message that is not a job; a readable uuid still gets its `failed` callback."""

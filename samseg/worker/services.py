@@ -60,6 +60,7 @@ class WorkerServices:
         """Create the jobs queue, its DLQ and redrive policy, check the stores and weights before consuming."""
         from samseg.ops import metrics
         from samseg.ops.health import reset as reset_health
+        from samseg.ops.scratch import sweep_scratch
         from samseg.queue.sqs import JobQueues
         from samseg.queue.visibility import check_visibility
         from samseg.stores import build_stores
@@ -69,6 +70,7 @@ class WorkerServices:
         metrics.setup(settings)  # before the pool forks: children inherit the tree's directory
         reset_health(settings.worker_heartbeat_file)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
+        sweep_scratch(settings)  # temporary folders a killed worker left behind (before this one makes any)
         ensure_stores(settings, build_stores(settings))
         try:
             JobQueues(settings).ensure()

@@ -30,7 +30,7 @@ def test_readyz_answers_503_while_sqs_is_unreachable_after_it_was_ready(make_sta
     moto = urlsplit(moto_url)
     assert moto.hostname and moto.port
     with TcpProxy(moto.hostname, moto.port) as proxy:
-        stack = make_stack(AWS_ENDPOINT_URL_SQS=proxy.url)
+        stack = make_stack(AWS_ENDPOINT_URL_SQS=proxy.url, SAMSEG_READYZ_CACHE_SECONDS="0")  # every probe fresh
         assert stack.start("queues", str(VENV_BIN / "samseg"), "queues", "ensure").popen.wait(60) == 0
         api = stack.start_api()
         for _ in range(3):  # several successes first: the old check cached the queue URL after the first
