@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-localhost/samseg:cpu}
 BASE_IMAGE=${BASE_IMAGE:-localhost/python:3.11-slim-bookworm}
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
-# Local PEP 503 indexes on this project's machines (see `pip config list`); LOCAL_INDEXES= turns them off.
+# Local PEP 503 indexes on this project's machines (`pip config list`); LOCAL_INDEXES= builds from PyPI only.
 LOCAL_INDEXES=${LOCAL_INDEXES-/opt/pypi /opt/pypi-more}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/scripts/podman/containers.conf}
 
@@ -72,19 +72,19 @@ fi
 args=(--format docker --layers -f docker/Dockerfile -t "$IMAGE" --build-arg "PYTHON_IMAGE=$BASE_IMAGE")
 [ -f "$CA_BUNDLE" ] && args+=(-v "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
 indexes=()
-for dir in $LOCAL_INDEXES; do [ -d "$dir/files" ] && indexes+=("$dir"); done
+for dir in $LOCAL_INDEXES; do [ -d "$dir/simple" ] && indexes+=("$dir"); done
 if [ ${#indexes[@]} -gt 0 ]; then
-  # pip in the build reads /etc/pip.conf. find-links, not extra-index-url: pip lists find-links candidates
-  # before index candidates and keeps the first of equal ones, so torch 2.14.1 and its CUDA wheels come from
-  # this disk; what is not there (cuda-bindings, the newest pins) still comes from PyPI.
+  # pip in the build reads /etc/pip.conf: these indexes join the one each RUN names. pip's resolver prefers the
+  # last index among equal candidates, so torch 2.14.1 and its CUDA wheels come from this disk (an extra index,
+  # found after PyPI); what is not here (cuda-bindings, the newest pins) still comes from PyPI.
   conf=$(mktemp)
   trap 'rm -f "$conf"' EXIT
-  links=""
+  extra=""
   for dir in "${indexes[@]}"; do
     args+=(-v "$dir:$dir:ro")
-    links+=" $dir/files"
+    extra+=" file://$dir/simple"
   done
-  printf '[global]\nfind-links =%s\n' "$links" >"$conf"
+  printf '[global]\nextra-index-url =%s\n' "$extra" >"$conf"
   chmod 644 "$conf"
   args+=(-v "$conf:/etc/pip.conf:ro")
 fi
