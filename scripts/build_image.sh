@@ -4,6 +4,7 @@
 # differ from a build in the wild (docker/README.md "Building").
 #
 #   scripts/build_image.sh            # -> localhost/samseg:cpu (override with IMAGE=...)
+#   IIDFILE=path scripts/build_image.sh   # also writes the image ID there
 #
 # Steps, each skipped when already done:
 #   1. podman/buildah/runc/mmdebstrap: installed with apt-get when missing (root only);
@@ -70,6 +71,7 @@ fi
 
 # --- 4. the build ---------------------------------------------------------------------------------------------
 args=(--format docker --layers -f docker/Dockerfile -t "$IMAGE" --build-arg "PYTHON_IMAGE=$BASE_IMAGE")
+[ -n "${IIDFILE:-}" ] && args+=(--iidfile "$IIDFILE")  # the built image's ID (scripts/test.sh uses it)
 [ -f "$CA_BUNDLE" ] && args+=(-v "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
 indexes=()
 for dir in $LOCAL_INDEXES; do [ -d "$dir/simple" ] && indexes+=("$dir"); done

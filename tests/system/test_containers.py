@@ -139,9 +139,21 @@ class Pod:
             time.sleep(1)
         raise AssertionError(f"{name} not healthy after {timeout}s ({last.strip()}):\n{self.logs(name)}")
 
-    def logs(self, name: str) -> str:
+    def wait_log(self, name: str, needle: str, timeout: float) -> None:
+        """Wait for a line in the container's output (cheap to poll, unlike a health check that starts Python)."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.logs(name, tail=None):
+            state = self.run_cmd("inspect", "--format", "{{.State.Status}}", name, check=False).stdout.strip()
+            if state not in {"running", "created", "configured"}:
+                raise AssertionError(f"{name} is {state} before logging {needle!r}:\n{self.logs(name)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} logged no {needle!r} in {timeout}s:\n{self.logs(name)}")
+            time.sleep(0.5)
+
+    def logs(self, name: str, tail: int | None = 8000) -> str:
         proc = self.run_cmd("logs", name, check=False)
-        return (proc.stdout + proc.stderr)[-8000:]
+        out = proc.stdout + proc.stderr
+        return out[-tail:] if tail else out
 
     def close(self) -> None:
         for name in reversed(self.containers):
@@ -189,6 +201,12 @@ def test_one_job_through_the_containers(
     pod: Pod, moto_url: str, tiny_checkpoint: Path, http_server: LoopbackServer, app_server: LoopbackServer
 ) -> None:
     services = dev_services()
+    started = time.monotonic()
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:  # elapsed seconds per phase, printed at the end (pytest -s / -rP)
+        phases[name] = round(time.monotonic() - started - sum(phases.values()), 1)
+
     width, height = 96, 64
     http_server.routes["/img/scene.png"] = Route(body=scene_png(width, height), headers={"Content-Type": "image/png"})
     api_port, metrics_port = free_port(), free_port()
@@ -225,11 +243,14 @@ def test_one_job_through_the_containers(
     proc = pod.once("init", service_env(init, overrides), tiny_checkpoint, [str(a) for a in init["command"]])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert CHECKPOINT_IN_CONTAINER in proc.stdout + proc.stderr
+    phase("init")
 
     # 2. worker and API with compose.dev.yaml's commands; the API on loopback and a free port (host network).
     worker_svc, api_svc = services["worker"], services["api"]
     worker_env = service_env(worker_svc, overrides | {"SAMSEG_METRICS_PORT": str(metrics_port)})
-    worker = pod.start("worker", worker_env, tiny_checkpoint, [str(a) for a in worker_svc["command"]])
+    # One pool process instead of Celery's default of one per core: one model to load and warm on 2 shared cores.
+    worker_cmd = [str(a) for a in worker_svc["command"]] + ["--concurrency", "1"]
+    worker = pod.start("worker", worker_env, tiny_checkpoint, worker_cmd)
     api_cmd = [str(a) for a in api_svc["command"]]
     api_cmd[api_cmd.index("--host") + 1] = "127.0.0.1"
     api_cmd[api_cmd.index("--port") + 1] = str(api_port)
@@ -242,6 +263,7 @@ def test_one_job_through_the_containers(
         "--health-cmd",
         json.dumps(api_health),
     )
+    phase("start worker+api")
 
     # 3. What the image promises: non-root, health checks that pass, a read-only root filesystem.
     for name in (worker, api):
@@ -257,10 +279,14 @@ def test_one_job_through_the_containers(
     # The image's own HEALTHCHECK (kept by --format docker) is the worker's: heartbeat fresh, model loaded.
     hc = pod.run_cmd("image", "inspect", "--format", "{{json .Config.Healthcheck}}", IMAGE).stdout
     assert json.loads(hc)["Test"][-3:] == ["samseg", "healthcheck", "worker"], hc
-    pod.healthy(worker, timeout=240)
-    pod.healthy(api, timeout=120)
-    wait_http(f"{api_url}/healthz", 30)
-    assert "weights_present" in pod.logs(worker)
+    # Weights checked before consuming, then the model loaded and warmed in the pool process; only then is the
+    # worker healthy.
+    pod.wait_log(worker, "model_ready", timeout=300)
+    assert "weights_present" in pod.logs(worker, tail=None)
+    pod.healthy(worker, timeout=60)
+    wait_http(f"{api_url}/healthz", 120)
+    pod.healthy(api, timeout=60)
+    phase("checks+healthy")
 
     # 4. One job: raw JSON on SQS → the containerised worker → signed callback → mask from the containerised API.
     uuid = "containers-1"
@@ -283,12 +309,15 @@ def test_one_job_through_the_containers(
     assert status.status_code == 200 and status.json()["status"] == "completed"
     # The worker's own /metrics (SAMSEG_METRICS_PORT), served from the read-only container.
     assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).status_code == 200
+    phase("one job")
 
     # 5. The weights check gates the worker: no checkpoint at the configured path → it refuses to start.
     missing = worker_env | {"SAMSEG_SAM2_CHECKPOINT": "/app/weights/missing.pt", "SAMSEG_METRICS_PORT": "0"}
     proc = pod.once("worker-noweights", missing, tiny_checkpoint, [str(a) for a in worker_svc["command"]])
     assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "weights_unavailable" in proc.stdout + proc.stderr
+    phase("no-weights worker")
+    print("phases (s):", phases)
 
 
 def _image_url(server: LoopbackServer) -> str:
