@@ -24,8 +24,8 @@ if [ "${BUILD_IMAGE:-1}" != 0 ]; then
   IIDFILE=$iidfile scripts/build_image.sh || rc=$?
   case $rc in
     0)
-      CONTAINER_IMAGE=$(sed 's/^sha256://' "$iidfile")
-      export CONTAINER_IMAGE CONTAINER_TESTS=required  # built: a skipped container test would now be a failure
+      TEST_CONTAINER_IMAGE=$(sed 's/^sha256://' "$iidfile")
+      export TEST_CONTAINER_IMAGE TEST_CONTAINERS=required  # built: a skipped container test would now be a failure
       ;;
     3) echo "warning: no container engine here; tests/system/test_containers.py will be skipped" >&2 ;;
     *) exit "$rc" ;;

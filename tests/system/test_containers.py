@@ -12,8 +12,10 @@ containers share the host's network namespace so that moto, the image host and t
 127.0.0.1 (every port is bound to loopback; no traffic leaves the machine). Meta's weights cannot be
 downloaded here, so the worker gets a random checkpoint through SAMSEG_SAM2_CHECKPOINT.
 
-Skips when Podman or the image is missing; scripts/test.sh sets CONTAINER_TESTS=required after building the
-image, and then a missing engine or image is a failure, not a skip.
+The image: TEST_CONTAINER_IMAGE (scripts/test.sh passes the ID of the image it just built), else
+localhost/samseg:cpu. Skips when Podman or the image is missing; scripts/test.sh sets TEST_CONTAINERS=required
+after building the image, and then a missing engine or image is a failure, not a skip. Containers left by a
+killed run: `podman rm -f $(podman ps -aq --filter label=samseg-test)`.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ from tests.support import REPO, LoopbackServer, Route, free_port, scene_png, wai
 
 pytestmark = pytest.mark.slow
 
-IMAGE = os.environ.get("CONTAINER_IMAGE", "localhost/samseg:cpu")
-REQUIRED = os.environ.get("CONTAINER_TESTS") == "required"
+IMAGE = os.environ.get("TEST_CONTAINER_IMAGE", "localhost/samseg:cpu")
+REQUIRED = os.environ.get("TEST_CONTAINERS") == "required"
 CALLBACK_PREFIX = "/api/v1/re-imagine/auto-mask/"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 APP_TOKEN = "app-token-" + secrets.token_urlsafe(16)
@@ -53,7 +55,7 @@ CHECKPOINT_IN_CONTAINER = "/app/weights/random-tiny.pt"
 
 def _unavailable(reason: str) -> None:
     if REQUIRED:
-        pytest.fail(f"CONTAINER_TESTS=required but {reason}")
+        pytest.fail(f"TEST_CONTAINERS=required but {reason}")
     pytest.skip(reason)
 
 
