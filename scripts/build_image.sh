@@ -5,6 +5,7 @@
 #
 #   scripts/build_image.sh            # -> localhost/samseg:cpu (override with IMAGE=...)
 #   IIDFILE=path scripts/build_image.sh   # also writes the image ID there
+#   EXTRA_BUILD_ARGS=--no-cache LOCAL_INDEXES= scripts/build_image.sh   # a cold build from PyPI alone
 #
 # Steps, each skipped when already done:
 #   1. podman/buildah/runc/mmdebstrap: installed with apt-get when missing (root only);
@@ -92,6 +93,10 @@ if [ ${#indexes[@]} -gt 0 ]; then
 fi
 # PyTorch's own index is unreachable here; PyPI's torch==2.14.1 is the same (CUDA 13.0) build.
 args+=(--build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://pypi.org/simple}")
+
+# EXTRA_BUILD_ARGS: more `podman build` options, split on spaces (e.g. --no-cache).
+read -r -a extra_args <<<"${EXTRA_BUILD_ARGS:-}"
+args+=(${extra_args[@]+"${extra_args[@]}"})
 
 say "podman build ${args[*]} ."
 start=$(date +%s)
