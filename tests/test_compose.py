@@ -1,9 +1,10 @@
 """Offline checks of the container packaging: docker/Dockerfile, .dockerignore, compose.yaml, compose.dev.yaml.
 
-No container engine is needed (none runs here): the compose files go through `docker compose config` (or
-Compose v1's `docker-compose config`) when one is installed, and through PyYAML always; the Dockerfile
-through hadolint when installed and through the checks below always. What they cannot show — that the
-image builds, that the pinned wheels exist on the torch index, that the stack starts — needs an engine.
+No container engine is needed: the compose files go through `docker compose config` (or Compose v1's
+`docker-compose config`) when one is installed, and through PyYAML always; the Dockerfile through hadolint
+when installed and through the checks below always. That the image builds and its containers run one job is
+tests/system/test_containers.py's (with scripts/build_image.sh); that the pinned wheels exist on PyTorch's
+index, GPU reservation and a whole `compose up` are not checked here.
 """
 
 from __future__ import annotations
