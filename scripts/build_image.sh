@@ -52,6 +52,11 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # --- 2./3. the base image -------------------------------------------------------------------------------------
+# A broken Podman setup (a bad CONTAINERS_CONF, no runtime) stops here rather than looking like a missing image.
+if ! info_err=$(podman info 2>&1 >/dev/null); then
+  say "podman does not work here (CONTAINERS_CONF=$CONTAINERS_CONF): ${info_err##*$'\n'}"
+  exit 1
+fi
 if podman image exists "$BASE_IMAGE"; then
   say "base image $BASE_IMAGE present"
 elif [ "$BASE_IMAGE" = localhost/python:3.11-slim-bookworm ]; then
