@@ -154,8 +154,10 @@ class CocoRle(BaseModel):
     counts: str
 
 
-# GeoJSON MultiPolygon coordinates in pixel space: polygons → rings (outer first, then holes) → [x, y].
-MultiPolygonCoords = list[list[list[tuple[int | float, int | float]]]]
+# GeoJSON MultiPolygon coordinates in pixel space: polygons → rings (outer first, then holes) → [x, y],
+# integer pixel corners (docs/outputs.md).
+Vertex = Annotated[list[int], Field(min_length=2, max_length=2)]
+MultiPolygonCoords = list[list[list[Vertex]]]
 
 
 class ResultSegment(Segment):
