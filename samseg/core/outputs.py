@@ -307,21 +307,17 @@ def _polygons_of_crop(
     xy, offsets = _trace(padded)
     shells, holes_of = _nest(xy, offsets, padded)
     points: list[list[int]] = (xy + np.array([x0, y0])).tolist()
-    rectangle_kept = _rectangles_kept(xy, offsets, tolerance) if tolerance > 0 else {}
+    simplified = _simplify(xy, offsets, tolerance) if tolerance > 0 else None
 
     def ring(index: int) -> list[list[int]] | None:
         a, b = int(offsets[index]), int(offsets[index + 1])
-        if index in rectangle_kept:
-            if not rectangle_kept[index]:
-                return None
+        if simplified is None:
             vertices = points[a:b]
-        elif tolerance > 0:
-            kept = _simplify_ring(xy[a:b], tolerance)
+        else:
+            kept = simplified[index]
             if kept is None:
                 return None
-            vertices = [points[a + int(i)] for i in kept]
-        else:
-            vertices = points[a:b]
+            vertices = [points[a + i] for i in kept.tolist()]
         vertices.append(vertices[0])
         return vertices
 
@@ -519,55 +515,59 @@ def _nest(
     return shells, holes_of
 
 
-def _rectangles_kept(xy: npt.NDArray[np.int64], offsets: npt.NDArray[np.int64], tolerance: float) -> dict[int, bool]:
-    """`_simplify_ring` of every 4-vertex ring at once (noise specks are many): whether it survives.
+def _simplify(
+    xy: npt.NDArray[np.int64], offsets: npt.NDArray[np.int64], tolerance: float
+) -> list[npt.NDArray[np.int64] | None]:
+    """Douglas-Peucker on every ring at once: per ring, the indices (into the ring) of the vertices kept,
+    or None when what is left has no area.
 
-    From the top-left corner the farthest vertex is the opposite one; the two others are equally far from
-    that diagonal, so both stay or both go (and then nothing with an area is left).
+    Each ring is closed and split at its first vertex and the vertex farthest from it (the first such);
+    then, level by level, every span whose farthest inner vertex (the first such) is more than `tolerance`
+    px from the span's segment is split there: the recursive algorithm's result, vectorised over spans.
     """
-    four = np.flatnonzero(np.diff(offsets) == 4)
-    if four.size == 0:
-        return {}
-    start = offsets[four]
-    a, far = xy[start].astype(np.float64), xy[start + 2].astype(np.float64)
-    inner = xy[start + 1].astype(np.float64)
-    seg = far - a
-    length2 = (seg * seg).sum(axis=1)
-    t = np.clip(((inner - a) * seg).sum(axis=1) / length2, 0.0, 1.0)
-    dist = np.hypot(*(inner - (a + t[:, None] * seg)).T)
-    return dict(zip(four.tolist(), (dist > tolerance).tolist(), strict=True))
-
-
-def _simplify_ring(ring: npt.NDArray[np.int64], tolerance: float) -> npt.NDArray[np.int64] | None:
-    """Douglas-Peucker on a closed ring (from its first vertex and the vertex farthest from it): the indices
-    of the vertices kept; None when what is left has no area."""
-    points = ring.astype(np.float64)
-    far = int(np.argmax(((points - points[0]) ** 2).sum(axis=1)))
-    closed = np.vstack((points, points[:1]))
-    keep = np.zeros(len(closed), dtype=np.bool_)
-    keep[[0, far, len(closed) - 1]] = True
-    stack = [(0, far), (far, len(closed) - 1)]
-    while stack:
-        i, j = stack.pop()
-        if j - i < 2:
-            continue
-        start, stop = closed[i], closed[j]
-        inner = closed[i + 1 : j]
-        seg = stop - start
-        length2 = float(seg @ seg)
-        if length2 == 0:
-            dist = np.hypot(*(inner - start).T)
-        else:
-            t = np.clip(((inner - start) @ seg) / length2, 0.0, 1.0)
-            dist = np.hypot(*(inner - (start + t[:, None] * seg)).T)
-        k = int(np.argmax(dist))
-        if dist[k] > tolerance:
-            keep[i + 1 + k] = True
-            stack.extend(((i, i + 1 + k), (i + 1 + k, j)))
-    kept = np.flatnonzero(keep[:-1])
-    if len(kept) < 3 or _signed_area2(ring[kept]) == 0:
-        return None
-    return kept
+    rings = offsets.size - 1
+    lengths = np.diff(offsets)
+    # Each ring followed by a copy of its first vertex: position offsets[i] + i + k in `points`.
+    ring_of = np.repeat(np.arange(rings), lengths + 1)
+    local = np.arange(ring_of.size) - np.repeat(offsets[:-1] + np.arange(rings), lengths + 1)
+    source = offsets[ring_of] + np.where(local == lengths[ring_of], 0, local)
+    points = xy[source].astype(np.float64)
+    starts = offsets[:-1] + np.arange(rings)
+    ends = starts + lengths
+    away = ((points - points[starts[ring_of]]) ** 2).sum(axis=1)
+    by_distance = np.lexsort((np.arange(away.size), -away, ring_of))
+    first_of_ring = np.concatenate(([0], np.flatnonzero(np.diff(ring_of[by_distance])) + 1))
+    far = by_distance[first_of_ring]
+    kept = np.zeros(points.shape[0], dtype=np.bool_)
+    kept[starts] = kept[ends] = kept[far] = True
+    active = ~kept  # inner vertices of spans still to examine; a span within tolerance retires its vertices
+    while True:
+        inner = np.flatnonzero(active)
+        if inner.size == 0:
+            break
+        anchors = np.flatnonzero(kept)
+        span = np.searchsorted(anchors, inner) - 1
+        a, b = points[anchors[span]], points[anchors[span + 1]]
+        seg = b - a
+        length2 = (seg * seg).sum(axis=1)
+        t = np.clip(((points[inner] - a) * seg).sum(axis=1) / np.where(length2 == 0, 1, length2), 0.0, 1.0)
+        dist = np.hypot(*(points[inner] - (a + t[:, None] * seg)).T)
+        bounds = np.concatenate(([0], np.flatnonzero(np.diff(span)) + 1))  # `inner` is sorted: spans are runs
+        group = np.repeat(np.arange(bounds.size), np.diff(np.append(bounds, inner.size)))
+        best = np.maximum.reduceat(dist, bounds)
+        at_best = np.flatnonzero(dist == best[group])
+        first_best = at_best[np.concatenate(([True], np.diff(group[at_best]) != 0))]
+        split = best > tolerance
+        chosen = inner[first_best[split]]
+        kept[chosen] = True
+        active[chosen] = False
+        active[inner[~split[group]]] = False
+    result: list[npt.NDArray[np.int64] | None] = []
+    for index in range(rings):
+        keep = np.flatnonzero(kept[starts[index] : ends[index]])
+        ring = xy[offsets[index] + keep]
+        result.append(None if len(keep) < 3 or _signed_area2(ring) == 0 else keep)
+    return result
 
 
 # --- label map -------------------------------------------------------------------------------------------
