@@ -38,16 +38,19 @@ from samseg.core.outputs import (  # noqa: E402
 
 def segment_like_masks(count: int, height: int, width: int, seed: int = 0) -> Iterator[np.ndarray]:
     rng = np.random.default_rng(seed)
-    yy, xx = np.ogrid[:height, :width]
     scale = min(height, width)
     for index in range(count):
         mask = np.zeros((height, width), dtype=bool)
         for _ in range(int(rng.integers(1, 3))):
             cy, cx = rng.uniform(0.1, 0.9) * height, rng.uniform(0.1, 0.9) * width
             radius = rng.uniform(0.03, 0.3) * scale
+            # Computed in the blob's box only (the wobble is at most 1.48x the radius).
+            y0, y1 = max(0, int(cy - 1.5 * radius)), min(height, int(cy + 1.5 * radius) + 1)
+            x0, x1 = max(0, int(cx - 1.5 * radius)), min(width, int(cx + 1.5 * radius) + 1)
+            yy, xx = np.ogrid[y0:y1, x0:x1]
             angle = np.arctan2(yy - cy, xx - cx)
             wobble = 1 + sum(rng.uniform(0.02, 0.12) * np.sin(k * angle + rng.uniform(0, 6.3)) for k in (3, 7, 17, 41))
-            mask |= (yy - cy) ** 2 + (xx - cx) ** 2 < (radius * wobble) ** 2
+            mask[y0:y1, x0:x1] |= (yy - cy) ** 2 + (xx - cx) ** 2 < (radius * wobble) ** 2
         if index % 3 == 0:  # holes and specks, as SAM leaves them around thin structures
             for _ in range(20):
                 y, x = int(rng.integers(0, height - 8)), int(rng.integers(0, width - 8))

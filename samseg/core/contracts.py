@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_serializer,
 )
 
 # A uuid names a folder and a URL path segment, so it must be a safe identifier: no separators, no dots
@@ -65,6 +67,12 @@ class JobOptions(BaseModel):
     multimask_output: bool | None = None
     polygon_tolerance: float | None = Field(None, ge=0.0, le=10.0)
 
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Only the options the job set: the others are the server's, and say so by their absence."""
+        data: dict[str, Any] = handler(self)
+        return {key: value for key, value in data.items() if value is not None}
+
     @field_validator("points_per_side")
     @classmethod
     def _server_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -97,6 +105,16 @@ class JobMessage(BaseModel):
     ttl_seconds: int | None = Field(None, ge=10, le=604_800, strict=True)
     # Progress callbacks wanted besides the final one: "running" = a PATCH with status "running" when work starts.
     events: Annotated[list[JobEvent], AfterValidator(_unique)] = Field(default_factory=list, strict=True)
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Optional fields a job did not set are left out: a plain job dumps as `{"uuid", "image_url"}`, as
+        it always did (on the queue, in the chain's task arguments)."""
+        data: dict[str, Any] = handler(self)
+        for key in ("options", "outputs", "ttl_seconds", "events"):
+            if key in data and data[key] in (None, []):
+                del data[key]
+        return data
 
 
 class CancelMessage(BaseModel):

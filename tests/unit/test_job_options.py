@@ -36,6 +36,7 @@ def test_a_plain_message_is_unchanged() -> None:
     job = parse_message(dict(BASE))
     assert isinstance(job, JobMessage)
     assert job.options is None and job.outputs == [] and job.ttl_seconds is None and job.events == []
+    assert job.model_dump() == BASE  # the chain and the queue see the same dict as before
     # Unknown top-level keys are still ignored, as before.
     assert parse_message({**BASE, "extra": 1}) == job
     # What a sender puts on the wire without the optional fields round-trips to the same job.
