@@ -10,6 +10,7 @@ from fastapi import Path as PathParam
 
 from samseg.api.deps import QueuesDep, StoresDep, authenticated
 from samseg.core.contracts import UUID_PATTERN, JobAccepted, JobMessage, JobState, JobStatus, Segment
+from samseg.core.options import not_yet_honoured
 from samseg.stores.jobs import JobRecord
 
 log = structlog.get_logger(__name__)
@@ -21,6 +22,9 @@ JobIdParam = Annotated[str, PathParam(description="the job's uuid, as sent by th
 @router.post("/jobs", status_code=202, response_model=JobAccepted, dependencies=[authenticated])
 def submit_job(job: JobMessage, request: Request, stores: StoresDep, queues: QueuesDep) -> JobAccepted:
     """Put a job on the jobs queue exactly as the app server would (a plain JSON message)."""
+    unsupported = not_yet_honoured(job)
+    if unsupported:
+        raise HTTPException(422, detail=f"not supported by this samseg version yet: {', '.join(unsupported)}")
     try:
         queues.send_job(job.model_dump())
     except Exception as exc:

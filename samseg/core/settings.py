@@ -143,6 +143,15 @@ class Settings(BaseSettings):
     amg_stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
     amg_box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
     amg_min_mask_region_area: int = Field(0, ge=0)
+    # Server defaults of the per-job options (samseg.core.options) that have no amg_ setting above.
+    amg_max_masks: int | None = Field(None, ge=1)  # None: every mask the generator keeps
+    amg_sort_by: Literal["area", "predicted_iou"] = "area"
+    amg_multimask_output: bool = True
+    polygon_tolerance: float = Field(0.0, ge=0.0, le=10.0)
+    # A mask whose polygons would need more vertices gets `polygons_error` instead (docs/outputs.md).
+    polygon_max_vertices: int = Field(100_000, ge=100, le=10_000_000)
+    # The most `options.points_per_side` a job may ask for on this server (the contract's hard limit is 64).
+    job_max_points_per_side: int = Field(64, ge=4, le=64)
     amg_int8: bool = False
     amg_compile: bool = False
     amg_half: bool = False

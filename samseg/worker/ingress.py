@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from samseg.core.contracts import UUID_PATTERN, ErrorInfo, JobMessage
 from samseg.core.logs import bind_job, redact_text, redact_url, unbind_job
+from samseg.core.options import not_yet_honoured
 from samseg.core.settings import Settings, get_settings
 from samseg.queue.sqs import JobQueues
 from samseg.stores import Stores, build_stores
@@ -63,10 +64,14 @@ def parse_job(raw: str) -> JobMessage:
     candidate = data.get("uuid")
     uuid = candidate if isinstance(candidate, str) and UUID_PATTERN.fullmatch(candidate) else None
     try:
-        return JobMessage.model_validate(data)
+        job = JobMessage.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise InvalidJob(f"invalid job: {problems}", uuid) from exc
+    unsupported = not_yet_honoured(job)
+    if unsupported:
+        raise InvalidJob(f"not supported by this samseg version yet: {', '.join(unsupported)}", uuid)
+    return job
 
 
 class IngressHandler:
