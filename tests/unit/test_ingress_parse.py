@@ -175,3 +175,27 @@ def test_raw_body_falls_back_to_the_decoded_body(delivery_info):
     assert raw_body(b'{"b": 2}', message(delivery_info)) == '{"b": 2}'
     assert raw_body(b"\xff\xfe", message(delivery_info)) == "\ufffd\ufffd"
     assert raw_body([1, 2], message(delivery_info)) == "[1, 2]"
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"options": {"points_per_side": 16}}, "options"),
+        ({"outputs": ["coco_rle"]}, "outputs"),
+        ({"ttl_seconds": 60}, "ttl_seconds"),
+        ({"events": ["running"]}, "events"),
+    ],
+)
+def test_per_job_fields_not_carried_out_yet_are_refused_by_name(extra: dict[str, object], named: str) -> None:
+    """A valid job that sets a field this version does not carry out is refused, the field named, with its uuid
+    (so it gets a `failed` callback) — never run as if the field were not there."""
+    with pytest.raises(InvalidJob) as refused:
+        parse_job(json.dumps({"uuid": "opt-1", "image_url": "https://example.com/a.png", **extra}))
+    assert named in refused.value.reason and "not supported" in refused.value.reason
+    assert refused.value.uuid == "opt-1"
+
+
+def test_an_invalid_option_is_named_before_anything_else() -> None:
+    with pytest.raises(InvalidJob) as refused:
+        parse_job(json.dumps({"uuid": "opt-2", "image_url": "https://x/a.png", "options": {"points_per_side": 2}}))
+    assert "options.points_per_side" in refused.value.reason
