@@ -97,8 +97,8 @@ class Stack:
         url = client.get_queue_url(QueueName=self.jobs_queue)["QueueUrl"]
         client.send_message(QueueUrl=url, MessageBody=body)
 
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(name, list(args), {**self.env, **(env or {})}, self.log_dir)
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> Proc:
+        proc = Proc(name, list(args), {**self.env, **(env or {})}, self.log_dir, cwd)
         self.procs.append(proc)
         return proc
 
