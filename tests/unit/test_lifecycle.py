@@ -1,0 +1,223 @@
+"""Issue 15's scenarios, each as the lifecycle (samseg.stores.lifecycle) answers it on a real SQLite job store.
+
+Each of these passed through a gap of the previous design (an `enter` that accepted the same stage again, a
+`fail_run` from any rank, callbacks retried for ~90 s inside one task, a claim that only its own message could
+take over, no sweeper); the property-based run in test_lifecycle_properties.py covers their interleavings.
+The clock is the lifecycle's injectable one: no test waits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from samseg.core.contracts import ErrorInfo, JobState, OutboxState, Stage
+from samseg.stores.jobs import PUBLISH_LEASE_SECONDS, Decision, JobStore
+from samseg.stores.lifecycle import AttemptResult, Busy, Gone, Hold, Lifecycle, SweepKind
+from samseg.stores.sql_jobs import SqlJobs
+from tests.lifecycle_machine import GRACE, LEASE, STALE, make_settings
+
+ERROR = ErrorInfo(code="model_error", message="boom")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def life(tmp_path: Path, clock: Clock) -> Lifecycle:
+    backend = SqlJobs(tmp_path / "jobs.sqlite", 14 * 86400)
+    backend.ensure()
+    return Lifecycle(JobStore(backend, STALE, GRACE), make_settings(), clock=clock)
+
+
+def started(life: Lifecycle, clock: Clock, uuid: str = "job") -> str:
+    claim = life.jobs.claim(uuid, f"m-{uuid}", now=clock.now, payload={"uuid": uuid})
+    assert claim.decision is Decision.RUN
+    life.jobs.mark_published(uuid, claim.run_id, now=clock.now)
+    return claim.run_id
+
+
+def through(life: Lifecycle, uuid: str, run_id: str, *stages: Stage) -> None:
+    for stage in stages:
+        hold = life.start_stage(uuid, run_id, stage, {"uuid": uuid, "run_id": run_id})
+        assert isinstance(hold, Hold), hold
+        assert life.hand_off(uuid, run_id, hold.token, {"uuid": uuid, "run_id": run_id})
+
+
+# --- 2. two copies of one stage -------------------------------------------------------------------------------
+def test_a_second_copy_of_a_running_stage_is_busy_and_can_neither_fail_nor_hand_off(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    first = life.start_stage("job", run, Stage.DOWNLOAD, {"uuid": "job", "run_id": run})
+    assert isinstance(first, Hold)
+    second = life.start_stage("job", run, Stage.DOWNLOAD, {"uuid": "job", "run_id": run})
+    assert isinstance(second, Busy) and 0 < second.retry_in <= LEASE
+    # A copy without the token (the old `fail_run` from any rank) cannot end the run.
+    assert not life.fail("job", run, ERROR, token="not-the-holder")
+    assert life.hand_off("job", run, first.token, {"uuid": "job", "run_id": run})
+    # The duplicate, delivered again after the stage finished, ends quietly.
+    assert isinstance(life.start_stage("job", run, Stage.DOWNLOAD, {}), Gone)
+
+
+def test_a_copy_whose_lease_ran_out_loses_the_run_to_the_next_copy(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    through(life, "job", run, Stage.DOWNLOAD, Stage.SEGMENT)
+    slow = life.start_stage("job", run, Stage.PERSIST, {"uuid": "job", "run_id": run})
+    assert isinstance(slow, Hold)
+    clock.now += LEASE + 1  # the holder stopped renewing (an outage, a stuck process)
+    fresh = life.start_stage("job", run, Stage.PERSIST, {"uuid": "job", "run_id": run})
+    assert isinstance(fresh, Hold) and fresh.token != slow.token
+    assert not life.renew("job", run, slow.token)
+    assert not life.fail("job", run, ERROR, token=slow.token)  # the loser never fails the run…
+    assert not life.hand_off("job", run, slow.token, {})  # …nor publishes the next stage
+    assert life.hand_off("job", run, fresh.token, {"uuid": "job", "run_id": run})
+    notify = life.start_stage("job", run, Stage.NOTIFY, {"uuid": "job", "run_id": run})
+    assert isinstance(notify, Hold) and life.complete("job", run, notify.token)
+    record = life.jobs.get("job")
+    assert record is not None and record.status is JobState.COMPLETED
+
+
+def test_a_published_run_is_never_failed(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    through(life, "job", run, Stage.DOWNLOAD, Stage.SEGMENT, Stage.PERSIST)
+    notify = life.start_stage("job", run, Stage.NOTIFY, {"uuid": "job", "run_id": run})
+    assert isinstance(notify, Hold)
+    assert not life.fail("job", run, ERROR, token=notify.token)  # its masks are published: it can only complete
+    assert life.fail(
+        "job", run, ErrorInfo(code="result_missing", message="gone"), token=notify.token, result_missing=True
+    )
+
+
+# --- 4. failing is as durable as succeeding ----------------------------------------------------------------------
+def test_ending_a_run_opens_its_callback_outbox_in_the_same_write(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    hold = life.start_stage("job", run, Stage.DOWNLOAD, {"uuid": "job", "run_id": run})
+    assert isinstance(hold, Hold) and life.fail("job", run, ERROR, token=hold.token)
+    record = life.jobs.get("job")
+    assert record is not None and record.status is JobState.FAILED
+    assert record.callback is not None and record.callback.state is OutboxState.PENDING
+    assert record.sweep_due is not None  # if the attempt's message is lost, the sweeper queues another
+
+
+def test_the_reaper_fails_a_stage_only_once_its_holder_is_gone(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    assert isinstance(life.start_stage("job", run, Stage.SEGMENT, {"uuid": "job", "run_id": run}), Hold)
+    lost = ErrorInfo(code="worker_lost", message="killed")
+    assert not life.fail("job", run, lost, stage=Stage.SEGMENT, lease_expired=True)
+    clock.now += LEASE + 1
+    assert life.fail("job", run, lost, stage=Stage.SEGMENT, lease_expired=True)
+
+
+# --- 5. nothing waits on a lost message ---------------------------------------------------------------------------
+def test_a_claim_whose_chain_was_never_published_is_republished_by_the_sweeper(life: Lifecycle, clock: Clock):
+    claim = life.jobs.claim("job", "m1", now=clock.now, payload={"uuid": "job", "image_url": "https://x/a.png"})
+    assert claim.decision is Decision.RUN  # …and its consumer died before publishing the chain
+    assert life.sweep() == []
+    clock.now += PUBLISH_LEASE_SECONDS + GRACE + 1
+    (action,) = life.sweep()
+    assert (action.kind, action.stage, action.run_id) == (SweepKind.REPUBLISH, Stage.DOWNLOAD, claim.run_id)
+    assert action.payload == {"uuid": "job", "image_url": "https://x/a.png", "run_id": claim.run_id}
+    assert life.sweep() == []  # one republish, not one per sweep
+
+
+def test_another_message_takes_over_a_claim_unpublished_past_its_lease(life: Lifecycle, clock: Clock):
+    first = life.jobs.claim("job", "m1", now=clock.now)
+    assert life.jobs.claim("job", "m2", now=clock.now + 1).decision is Decision.DUPLICATE
+    later = life.jobs.claim("job", "m3", now=clock.now + PUBLISH_LEASE_SECONDS + 1)
+    assert later.decision is Decision.RUN and later.run_id != first.run_id
+
+
+def test_a_stage_whose_holder_died_is_republished_then_the_run_fails_stalled(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    through(life, "job", run, Stage.DOWNLOAD)
+    for _ in range(3):
+        hold = life.start_stage("job", run, Stage.SEGMENT, {"uuid": "job", "run_id": run})
+        assert isinstance(hold, Hold)  # …and its worker dies (an OOM kill every time)
+        clock.now += LEASE + GRACE + 1
+        (action,) = life.sweep()
+        assert (action.kind, action.stage) == (SweepKind.REPUBLISH, Stage.SEGMENT)
+    assert isinstance(life.start_stage("job", run, Stage.SEGMENT, {"uuid": "job", "run_id": run}), Hold)
+    clock.now += LEASE + GRACE + 1
+    (action,) = life.sweep()
+    assert action.kind is SweepKind.FAILED
+    record = life.jobs.get("job")
+    assert record is not None and record.status is JobState.FAILED and record.error is not None
+    assert record.error.code == "stalled"
+
+
+# --- 6. callbacks over a long outage --------------------------------------------------------------------------
+def test_a_callback_is_retried_over_hours_and_delivered_when_the_app_server_returns(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    hold = life.start_stage("job", run, Stage.DOWNLOAD, {"uuid": "job", "run_id": run})
+    assert isinstance(hold, Hold) and life.fail("job", run, ERROR, token=hold.token)
+    first = clock.now
+    attempts = 0
+    while clock.now - first < 2 * 3600:  # the app server is down for two hours
+        ticket = life.begin_send("job", run)
+        if ticket is None:
+            box = life.jobs.get("job").callback  # type: ignore[union-attr]
+            assert box is not None and box.state is OutboxState.PENDING
+            clock.now = max(clock.now + 1, box.next_attempt_at or clock.now)
+            continue
+        attempts += 1
+        box = life.record_attempt(ticket, AttemptResult(False, 503, "HTTP 503"))
+        assert box is not None
+        if box.state is not OutboxState.PENDING:
+            break
+    # make_settings: 6 attempts within a 1 h horizon, backoff capped at 60 s — whichever is spent first.
+    box = life.jobs.get("job").callback  # type: ignore[union-attr]
+    assert box is not None and box.state is OutboxState.EXPIRED and attempts == box.attempts <= 6
+
+
+def test_a_callback_attempt_after_an_outage_is_delivered_with_the_same_body(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    hold = life.start_stage("job", run, Stage.DOWNLOAD, {"uuid": "job", "run_id": run})
+    assert isinstance(hold, Hold) and life.fail("job", run, ERROR, token=hold.token)
+    first = life.begin_send("job", run)
+    assert first is not None
+    box = life.record_attempt(first, AttemptResult(False, 500, "HTTP 500", retry_after="30"))
+    assert box is not None and box.state is OutboxState.PENDING and box.next_attempt_at == pytest.approx(clock.now + 30)
+    clock.now += 30
+    second = life.begin_send("job", run)
+    assert second is not None and (second.status, second.error) == (first.status, first.error)
+    done = life.record_attempt(second, AttemptResult(True, 200))
+    assert done is not None and done.state is OutboxState.DELIVERED and done.attempts == 2
+
+
+def test_410_stops_the_callback(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    hold = life.start_stage("job", run, Stage.DOWNLOAD, {"uuid": "job", "run_id": run})
+    assert isinstance(hold, Hold) and life.fail("job", run, ERROR, token=hold.token)
+    ticket = life.begin_send("job", run)
+    assert ticket is not None
+    box = life.record_attempt(ticket, AttemptResult(False, 410, "HTTP 410"))
+    assert box is not None and box.state is OutboxState.GONE
+    clock.now += 3600
+    assert life.begin_send("job", run) is None
+
+
+# --- 7. two notifies never both send ---------------------------------------------------------------------------
+def test_two_attempts_at_once_get_one_send_marker(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    hold = life.start_stage("job", run, Stage.DOWNLOAD, {"uuid": "job", "run_id": run})
+    assert isinstance(hold, Hold) and life.fail("job", run, ERROR, token=hold.token)
+    first = life.begin_send("job", run)
+    assert first is not None
+    assert life.begin_send("job", run) is None  # the second attempt sees the marker: it does not send
+    # The first attempt's process dies while sending: once its marker runs out, the sweeper queues another.
+    clock.now = first.marker + GRACE + 1
+    (action,) = life.sweep()
+    assert action.kind is SweepKind.DELIVER
+    again = life.begin_send("job", run)
+    assert again is not None and again.marker != first.marker
+    assert life.record_attempt(first, AttemptResult(True, 200)) is None  # the stale attempt records nothing
