@@ -13,6 +13,12 @@ if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev
       || echo "warning: could not install docker-compose; compose validation tests will be skipped"
   fi
 fi
+# kubectl renders deploy/kubernetes with the real kustomize (tests/integration/test_kubernetes_manifests.py compares
+# it with the test's own renderer; without kubectl that comparison is skipped).
+if ! command -v kubectl >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get install -y -qq --no-install-recommends kubectl >/dev/null 2>&1 \
+    || echo "warning: could not install kubectl; the kustomize comparison will be skipped"
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
