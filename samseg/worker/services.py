@@ -77,8 +77,8 @@ class WorkerServices:
         except Exception as exc:  # SQS unreachable: kombu's connection retry takes over from here
             log.warning("queues_not_ensured", error=repr(exc))
         _check_callback_transport(settings)
-        if self.needs_model():
-            _ensure_weights(settings)
+        if self.consumes_gpu_queue():
+            _ensure_weights(settings)  # a segmenting worker has its checkpoint before it consumes, preload or not
         for problem in check_visibility(settings):
             log.warning("visibility_timeout_too_short", problem=problem, consequence="long tasks may run twice")
 
@@ -133,8 +133,12 @@ class WorkerServices:
             self.metrics_server.stop()
 
     # --- pool processes ---------------------------------------------------------------------------------------
+    def consumes_gpu_queue(self) -> bool:
+        return self.settings.gpu_queue in self.app.amqp.queues.consume_from
+
     def needs_model(self) -> bool:
-        return self.settings.preload_model and self.settings.gpu_queue in self.app.amqp.queues.consume_from
+        """Load and warm the model at start (SAMSEG_PRELOAD_MODEL) in a worker that segments."""
+        return self.settings.preload_model and self.consumes_gpu_queue()
 
     def on_process_init(self, **_: Any) -> None:
         """Load and warm the model in the process that will use it, off the init path (it has a 4 s budget)."""
