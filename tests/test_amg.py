@@ -24,6 +24,7 @@ from samseg.runtime.amg import (
     dense_masks,
     paint_mask,
 )
+from samseg.runtime.amg.geometry import unpack_box
 
 MODEL = "sam2.1_hiera_tiny"
 POINTS = 4
@@ -156,8 +157,8 @@ def test_cell_masks_match_dense_upsample(noisy: bool, out_hw: tuple[int, int]) -
         assert np.count_nonzero(seg != binary[k].numpy()) <= 2
     d_counts, d_boxes, d_packed = dense_masks(low, out_hw, thresholds, mask_idx=1)
     assert torch.equal(d_counts, counts) and torch.equal(d_boxes, boxes)
-    h, w = out_hw
-    assert np.array_equal(np.unpackbits(d_packed[2])[: h * w].reshape(h, w).astype(bool), binary[2].numpy())
+    x0, y0, x1, y1 = d_boxes[2].tolist()  # packed: the box crop only
+    assert np.array_equal(unpack_box(d_packed[2], [x0, y0, x1, y1]), binary[2, y0 : y1 + 1, x0 : x1 + 1].numpy())
 
 
 def test_boundary_fraction_separates_smooth_from_noisy() -> None:
@@ -165,3 +166,42 @@ def test_boundary_fraction_separates_smooth_from_noisy() -> None:
     smooth, noisy = boundary_fraction(_logits(False), thresholds), boundary_fraction(_logits(True), thresholds)
     assert smooth[0] == 0 and smooth[1] == 0
     assert float(smooth.max()) < 0.15 < float(noisy[2:].min())
+
+
+# ---- start-up and bounded-memory output (issue #18 / #15) --------------------------------------------
+def test_encoder_input_equals_the_predictors(model: Any, image: np.ndarray) -> None:
+    """The generator no longer builds a SAM2ImagePredictor (torch.jit.script per instance): same features."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    gen = FastMaskGenerator(model, points_per_side=POINTS)
+    predictor = SAM2ImagePredictor(model)
+    with torch.inference_mode():
+        predictor.set_image(image)
+        feats = predictor._features
+        expected = gen.decoder.image_state(feats["image_embed"], list(feats["high_res_feats"]))
+        ours = gen._encode(image)
+    for name in ("keys0", "pe", "k0", "v0", "q0"):
+        assert torch.equal(getattr(ours, name), getattr(expected, name)), name
+    for a, b in zip(ours.high_res, expected.high_res, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_segment_packed_equals_segment(model: Any, image: np.ndarray, tmp_path: Any) -> None:
+    """Masks written one at a time, bit-packed per row, equal the full-resolution masks of `segment`."""
+    from samseg.core.masks import PackedMasks, unpack_masks
+    from samseg.runtime.segmenter import Segmenter
+
+    seg = object.__new__(Segmenter)  # the fixture's model; no settings or checkpoint needed
+    seg.model, seg.torch, seg.device, seg.points_per_batch = model, torch, "cpu", 4
+    seg._lock, seg._generators = __import__("threading").RLock(), {}
+    seg._generators[4] = FastMaskGenerator(model, points_per_side=POINTS, points_per_batch=4, **REGIMES["filters_off"])  # type: ignore[arg-type]
+    full = seg.segment(image)
+    packed = seg.segment_packed(image, tmp_path / "masks.npy")
+    nonempty = sum(1 for r in upstream(model, image, "filters_off") if r["area"] > 0)
+    assert packed.count == len(full.masks) == nonempty > 0
+    stored = PackedMasks(packed.path, image.shape[1])
+    for i, mask in enumerate(full.masks):
+        assert np.array_equal(unpack_masks(stored.read(i), image.shape[1]), mask)
+    np.testing.assert_array_equal(packed.predicted_iou, full.predicted_iou)
+    areas = [int(m.sum()) for m in full.masks]
+    assert areas == sorted(areas, reverse=True) and min(areas) > 0
