@@ -489,6 +489,69 @@ def service_table(rows: list[ServiceRow]) -> str:
     return "\n".join(lines)
 
 
+def paint_rows_benchmark(args: argparse.Namespace) -> int:
+    """Survivors' full-resolution cost with trained-like (smooth) masks, previous vs now, same run.
+
+    Random weights give noisy logits (dense path), so this feeds `cell_masks` smooth blobs covering 0.1-20 % of
+    the frame, the regime of a trained model's survivors. previous: whole-frame paint (paint_mask), an
+    np.count_nonzero for the area and a whole-frame packbits per mask; now: GeneratedMask, which works within the
+    mask's box (dense() for upstream's records, packed_rows() for samseg's packed-masks file).
+    """
+    import torch
+
+    from samseg.runtime.amg import GeneratedMask, cell_grid, cell_masks, paint_mask
+    from samseg.runtime.amg.decoder import Candidate
+    from samseg.runtime.amg.output import PaintContext
+
+    torch.manual_seed(0)
+    w, h = (int(v) for v in args.sizes.split(",")[0].lower().split("x"))
+    n = args.paint_masks
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    low = torch.empty(n, 256, 256)
+    for k in range(n):
+        cy, cx = torch.randint(20, 236, (2,)).tolist()
+        r = float(torch.randint(5, 60, (1,)))
+        low[k] = (r - ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()) / 4
+    grid = cell_grid((256, 256), (h, w))
+    cm = cell_masks(low, grid, (-1.0, 0.0, 1.0), 1)
+    ctx = PaintContext(h, w, grid.ys.i0.numpy(), grid.xs.i0.numpy(), (256, 256))
+    pos = [cm.pos_flat[cm.pos_mask == k] for k in range(n)]
+    masks = [
+        GeneratedMask(Candidate(np.packbits(cm.inside[k].numpy()), pos[k], cm.boxes[k].tolist(), 0, 0, 0, [0, 0]), ctx)
+        for k in range(n)
+    ]
+
+    def previous() -> None:
+        for k in range(n):
+            inside = np.unpackbits(np.packbits(cm.inside[k].numpy()))[: 256 * 256].astype(bool)
+            seg = paint_mask(torch.from_numpy(inside).view(256, 256), pos[k], grid)
+            np.count_nonzero(seg)
+            np.packbits(seg, axis=1)
+
+    def now_dense() -> None:
+        for m in masks:
+            np.packbits(m.dense(), axis=1)
+
+    def now_packed() -> None:
+        for m in masks:
+            m.packed_rows()
+
+    box = float(np.mean([(b[2] - b[0] + 1) * (b[3] - b[1] + 1) for b in cm.boxes.tolist()])) / (h * w)
+    print(f"# survivors' paint, {w}x{h}, {n} smooth masks, mean box {box:.1%} of the frame; load {loadavg()}")
+    times: dict[str, list[float]] = {}
+    for _ in range(args.repeats + 1):
+        for name, fn in (("previous", previous), ("now dense()", now_dense), ("now packed_rows()", now_packed)):
+            t0 = time.perf_counter()
+            fn()
+            times.setdefault(name, []).append((time.perf_counter() - t0) / n)
+    print("\n| path | ms per kept mask (median) | vs previous | load avg |\n|---|---|---|---|")
+    ref = statistics.median(times["previous"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med * 1000:.2f} | {ref / med:.0f}x | {loadavg()} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sam2.1_hiera_tiny")
@@ -517,7 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upstream-max-off-grid", type=int, default=16, help="service rows: largest off grid for upstream")
     p.add_argument("--warm-images", type=int, default=2, help="service warm rows: timed images per worker")
     p.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--paint", action="store_true", help="only the survivors' full-resolution paint, previous vs now")
+    p.add_argument("--paint-masks", type=int, default=100, help="--paint: kept masks")
     args = p.parse_args(argv)
+    if args.paint:
+        return paint_rows_benchmark(args)
     if args.warm_child:
         return warm_child(args)
     print(f"# samseg AMG benchmark {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC: {' '.join(sys.argv)}")
