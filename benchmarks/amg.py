@@ -181,7 +181,8 @@ def make_generator(mode: str, model: Any, pps: int, thresholds: dict[str, Any]) 
     from samseg.runtime.amg import FastMaskGenerator
 
     flags: dict[str, Any] = {m: mode == m for m in ("int8", "compile", "half", "prune")}
-    return FastMaskGenerator(model, points_per_side=pps, points_per_batch=64, **thresholds, **flags)
+    # points_per_batch=None: samseg's per-device default (CPU: 4 prompts per decoder call).
+    return FastMaskGenerator(model, points_per_side=pps, **thresholds, **flags)
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -288,6 +289,269 @@ def table(rows: list[Row], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+# ---- service rows: end to end (`samseg segment`, process start included) and per image in a warm worker -----
+# Each configuration runs in its own processes, configured only through settings/environment, because malloc
+# settings are per process. "previous" reproduces samseg before issue #18 as far as settings can: 64 prompts per
+# batch (CPU chunk 16) and glibc's default malloc thresholds; it does not rebuild the per-generator
+# torch.jit.script of SAM2ImagePredictor's transforms (~1.3 s of start-up, removed in code).
+SERVICE_CONFIGS: dict[str, dict[str, str]] = {
+    "upstream": {"SAMSEG_AMG_IMPL": "upstream", "SAMSEG_AMG_POINTS_PER_BATCH": "64", "SAMSEG_MALLOC_TUNING": "false"},
+    "previous": {"SAMSEG_AMG_POINTS_PER_BATCH": "64", "SAMSEG_MALLOC_TUNING": "false"},
+    "now": {},
+    "now+compile": {"SAMSEG_AMG_COMPILE": "true"},
+}
+
+
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
+def service_env(args: argparse.Namespace, ckpt: Path, config: str, regime: str, pps: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAMSEG_", "MALLOC_"))}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        SAMSEG_SAM2_MODEL=args.model,
+        SAMSEG_SAM2_CHECKPOINT=str(ckpt),
+        SAMSEG_DEVICE=args.device,
+        SAMSEG_AMG_POINTS_PER_SIDE=str(pps),
+        SAMSEG_LOG_LEVEL="WARNING",
+    )
+    if regime == "off":
+        env.update(SAMSEG_AMG_PRED_IOU_THRESH="0", SAMSEG_AMG_STABILITY_SCORE_THRESH="0", SAMSEG_AMG_BOX_NMS_THRESH="1")
+    env.update(SERVICE_CONFIGS[config])
+    return env
+
+
+@dataclass
+class ServiceRow:
+    kind: str  # e2e | warm
+    regime: str
+    points: int
+    config: str
+    wall: list[float] = field(default_factory=list)
+    user: list[float] = field(default_factory=list)
+    sys: list[float] = field(default_factory=list)
+    minflt: list[float] = field(default_factory=list)
+    masks: list[int] = field(default_factory=list)
+    load: list[str] = field(default_factory=list)
+    startup: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _e2e_once(args: argparse.Namespace, env: dict[str, str], image: Path, work: Path) -> dict[str, Any]:
+    import resource
+    import subprocess
+
+    cmd = [sys.executable, "-c", "import sys; from samseg.cli import main; sys.exit(main())", "segment", str(image)]
+    out = work / "out"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run([*cmd, "--out", str(out)], env=env, cwd=work, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"samseg segment failed: {done.stderr[-2000:]}")
+    masks = len(list(out.rglob("*.png")))
+    return {
+        "wall": wall,
+        "user": after.ru_utime - before.ru_utime,
+        "sys": after.ru_stime - before.ru_stime,
+        "minflt": after.ru_minflt - before.ru_minflt,
+        "masks": masks,
+    }
+
+
+def warm_child(args: argparse.Namespace) -> int:
+    """One warm worker: load the model, warm up, then time `--warm-images` images; JSON lines on stdout."""
+    import json
+    import resource
+
+    t0 = time.perf_counter()
+    import torch  # noqa: F401  (imports are part of a worker's start-up)
+
+    from samseg.core.settings import Settings
+    from samseg.runtime.segmenter import Segmenter
+
+    t_import = time.perf_counter() - t0
+    settings = Settings(_env_file=None)
+    t0 = time.perf_counter()
+    seg = Segmenter(settings)
+    t_load = time.perf_counter() - t0
+    warm = seg.warm_up()
+    image = synthetic_image(*(int(v) for v in args.sizes.split(",")[0].lower().split("x")))
+    print(json.dumps({"import": t_import, "load": t_load, "warm_up": warm}), flush=True)
+    for _ in range(args.warm_images):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        result = seg.segment(image)
+        wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        row = {
+            "wall": wall,
+            "user": r1.ru_utime - r0.ru_utime,
+            "sys": r1.ru_stime - r0.ru_stime,
+            "minflt": r1.ru_minflt - r0.ru_minflt,
+            "masks": len(result.masks),
+        }
+        del result
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+def _warm_once(args: argparse.Namespace, env: dict[str, str]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    import json
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--warm-child", "--sizes", args.sizes.split(",")[0]]
+    cmd += ["--warm-images", str(args.warm_images)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"warm worker failed: {done.stderr[-2000:]}")
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return lines[0], lines[1:]
+
+
+def run_service(args: argparse.Namespace) -> list[ServiceRow]:
+    from PIL import Image
+
+    from samseg.runtime.build import write_random_checkpoint
+
+    ckpt = Path(args.checkpoint) if args.checkpoint else Path(args.cache) / f"{args.model}-seed{args.seed}.pt"
+    if not ckpt.is_file():
+        write_random_checkpoint(args.model, ckpt, args.seed)
+    size = args.sizes.split(",")[0]
+    w, h = (int(v) for v in size.lower().split("x"))
+    rows: dict[tuple[str, str, int, str], ServiceRow] = {}
+    plan: list[tuple[str, str, int, list[str]]] = []
+    for kind in args.service.split(","):
+        for regime in args.regimes.split(","):
+            grids = [args.points_per_side] if regime == "default" else [int(g) for g in args.off_grids.split(",")]
+            for pps in grids:
+                configs = [c for c in args.configs.split(",") if kind == "warm" or c != "now+compile"]
+                if regime == "off" and pps > args.upstream_max_off_grid:
+                    configs = [c for c in configs if c != "upstream"]  # upstream keeps every full mask: too slow
+                plan.append((kind, regime, pps, configs))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        image = work / f"{size}.png"
+        Image.fromarray(synthetic_image(w, h)).save(image)
+        for rep in range(args.repeats):  # configurations interleaved per repeat: load drifts hit all alike
+            for kind, regime, pps, configs in plan:
+                for config in configs:
+                    row = rows.setdefault((kind, regime, pps, config), ServiceRow(kind, regime, pps * pps, config))
+                    env = service_env(args, ckpt, config, regime, pps)
+                    row.load.append(loadavg())
+                    if kind == "e2e":
+                        results = [_e2e_once(args, env, image, work)]
+                    else:
+                        start, results = _warm_once(args, env)
+                        for key, value in start.items():
+                            row.startup.setdefault(key, []).append(value)
+                    for r in results:
+                        row.wall.append(r["wall"])
+                        row.user.append(r["user"])
+                        row.sys.append(r["sys"])
+                        row.minflt.append(r["minflt"])
+                        row.masks.append(r["masks"])
+                    print(
+                        f"#   rep {rep} {kind} {regime} {pps}x{pps} {config}: "
+                        + ", ".join(f"{r['wall']:.1f}s (user {r['user']:.1f}, sys {r['sys']:.1f})" for r in results)
+                        + f"; load {row.load[-1]}",
+                        flush=True,
+                    )
+    return list(rows.values())
+
+
+def service_table(rows: list[ServiceRow]) -> str:
+    med = statistics.median
+    lines = [
+        "| rows | regime | points | config | wall s/image (median) | speed-up vs upstream | vs previous | "
+        "user s | sys s | minor faults | masks | start-up (import / load / warm-up s) | load avg |",
+        "|" + "---|" * 13,
+    ]
+    base: dict[tuple[str, str, int], dict[str, float]] = {}
+    for r in rows:
+        base.setdefault((r.kind, r.regime, r.points), {})[r.config] = med(r.wall)
+    for r in rows:
+        ref = base[(r.kind, r.regime, r.points)]
+        up = f"{ref['upstream'] / med(r.wall):.2f}x" if "upstream" in ref else "-"
+        prev = f"{ref['previous'] / med(r.wall):.2f}x" if "previous" in ref else "-"
+        start = (
+            " / ".join(f"{med(r.startup[k]):.1f}" for k in ("import", "load", "warm_up")) if r.startup else "(in wall)"
+        )
+        lines.append(
+            f"| {r.kind} | {r.regime} | {r.points} | {r.config} | {med(r.wall):.2f} | {up} | {prev} | "
+            f"{med(r.user):.1f} | {med(r.sys):.2f} | {med(r.minflt):,.0f} | {med(r.masks):.0f} | {start} | "
+            f"{','.join(r.load)} |"
+        )
+    return "\n".join(lines)
+
+
+def paint_rows_benchmark(args: argparse.Namespace) -> int:
+    """Survivors' full-resolution cost with trained-like (smooth) masks, previous vs now, same run.
+
+    Random weights give noisy logits (dense path), so this feeds `cell_masks` smooth blobs covering 0.1-20 % of
+    the frame, the regime of a trained model's survivors. previous: whole-frame paint (paint_mask), an
+    np.count_nonzero for the area and a whole-frame packbits per mask; now: GeneratedMask, which works within the
+    mask's box (dense() for upstream's records, packed_rows() for samseg's packed-masks file).
+    """
+    import torch
+
+    from samseg.runtime.amg import GeneratedMask, cell_grid, cell_masks, paint_mask
+    from samseg.runtime.amg.decoder import Candidate
+    from samseg.runtime.amg.output import PaintContext
+
+    torch.manual_seed(0)
+    w, h = (int(v) for v in args.sizes.split(",")[0].lower().split("x"))
+    n = args.paint_masks
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    low = torch.empty(n, 256, 256)
+    for k in range(n):
+        cy, cx = torch.randint(20, 236, (2,)).tolist()
+        r = float(torch.randint(5, 60, (1,)))
+        low[k] = (r - ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()) / 4
+    grid = cell_grid((256, 256), (h, w))
+    cm = cell_masks(low, grid, (-1.0, 0.0, 1.0), 1)
+    ctx = PaintContext(h, w, grid.ys.i0.numpy(), grid.xs.i0.numpy(), (256, 256))
+    pos = [cm.pos_flat[cm.pos_mask == k] for k in range(n)]
+    masks = [
+        GeneratedMask(Candidate(np.packbits(cm.inside[k].numpy()), pos[k], cm.boxes[k].tolist(), 0, 0, 0, [0, 0]), ctx)
+        for k in range(n)
+    ]
+
+    def previous() -> None:
+        for k in range(n):
+            inside = np.unpackbits(np.packbits(cm.inside[k].numpy()))[: 256 * 256].astype(bool)
+            seg = paint_mask(torch.from_numpy(inside).view(256, 256), pos[k], grid)
+            np.count_nonzero(seg)
+            np.packbits(seg, axis=1)
+
+    def now_dense() -> None:
+        for m in masks:
+            np.packbits(m.dense(), axis=1)
+
+    def now_packed() -> None:
+        for m in masks:
+            m.packed_rows()
+
+    box = float(np.mean([(b[2] - b[0] + 1) * (b[3] - b[1] + 1) for b in cm.boxes.tolist()])) / (h * w)
+    print(f"# survivors' paint, {w}x{h}, {n} smooth masks, mean box {box:.1%} of the frame; load {loadavg()}")
+    times: dict[str, list[float]] = {}
+    for _ in range(args.repeats + 1):
+        for name, fn in (("previous", previous), ("now dense()", now_dense), ("now packed_rows()", now_packed)):
+            t0 = time.perf_counter()
+            fn()
+            times.setdefault(name, []).append((time.perf_counter() - t0) / n)
+    print("\n| path | ms per kept mask (median) | vs previous | load avg |\n|---|---|---|---|")
+    ref = statistics.median(times["previous"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med * 1000:.2f} | {ref / med:.0f}x | {loadavg()} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sam2.1_hiera_tiny")
@@ -306,7 +570,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-persist", action="store_true", help="skip the PNG persist timing")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit without building anything")
+    p.add_argument(
+        "--service",
+        help="instead of the in-process table: e2e (`samseg segment` subprocess) and/or warm (one worker process, "
+        "generator reused) rows, comma-separated, for --configs in separate processes",
+    )
+    p.add_argument("--configs", default=",".join(SERVICE_CONFIGS), help="service configs: " + ",".join(SERVICE_CONFIGS))
+    p.add_argument("--off-grids", default="16,32", help="service rows: points per side in the filters-off regime")
+    p.add_argument("--upstream-max-off-grid", type=int, default=16, help="service rows: largest off grid for upstream")
+    p.add_argument("--warm-images", type=int, default=2, help="service warm rows: timed images per worker")
+    p.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--paint", action="store_true", help="only the survivors' full-resolution paint, previous vs now")
+    p.add_argument("--paint-masks", type=int, default=100, help="--paint: kept masks")
     args = p.parse_args(argv)
+    if args.paint:
+        return paint_rows_benchmark(args)
+    if args.warm_child:
+        return warm_child(args)
     print(f"# samseg AMG benchmark {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC: {' '.join(sys.argv)}")
     print(
         f"# model {args.model} (random weights, seed {args.seed}) on {args.device}; regimes {args.regimes}; "
@@ -318,6 +598,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"# issue-5 targets: {TARGET_CMD}")
     if args.dry_run:
+        return 0
+    if args.service:
+        print(f"# service rows ({args.service}), configs {args.configs}; load avg at start {loadavg()}", flush=True)
+        service_rows = run_service(args)
+        print()
+        print(service_table(service_rows))
         return 0
     rows = run(args)
     print()

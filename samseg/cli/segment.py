@@ -30,7 +30,7 @@ def cmd_segment(args: argparse.Namespace, settings: Settings) -> int:
 
     from samseg.core.contracts import JobMessage
     from samseg.core.errors import JobError
-    from samseg.core.masks import PackedMasks, mask_filename, write_packed_masks
+    from samseg.core.masks import PackedMasks, mask_filename
     from samseg.runtime.segmenter import get_segmenter
     from samseg.stores.results import MASK_DIR, completed_body, write_job_folder
     from samseg.transfer.image_fetch import download_image, load_rgb
@@ -48,12 +48,11 @@ def cmd_segment(args: argparse.Namespace, settings: Settings) -> int:
             image = load_rgb(source, settings)
             height, width = image.shape[:2]
             try:
-                result = get_segmenter(settings).segment_with_fallback(image)
+                result = get_segmenter(settings).segment_packed_with_fallback(image, Path(tmp) / "masks.npy")
             except JobError:
                 raise
             except Exception as exc:  # as the segment stage words it (samseg.worker.stages)
                 raise JobError("model_error", f"mask generation failed: {type(exc).__name__}: {exc}") from exc
-            write_packed_masks(Path(tmp) / "masks.npy", result.masks, len(result.masks), height, width)
             masks = PackedMasks(Path(tmp) / "masks.npy", width)
             body = completed_body(
                 args.uuid,

@@ -138,7 +138,9 @@ class Settings(BaseSettings):
     device: str = "auto"
     amg_impl: AmgImpl = "fast"
     amg_points_per_side: int = Field(32, ge=1, le=128)
-    amg_points_per_batch: int = Field(64, ge=1, le=4096)
+    # Unset: per device (resolved_points_per_batch): 4 on CPU (small per-prompt activations stay off mmap, see
+    # docs/performance-cpu.md), 64 on CUDA.
+    amg_points_per_batch: int | None = Field(None, ge=1, le=4096)
     amg_pred_iou_thresh: float = Field(0.8, ge=0.0, le=1.0)
     amg_stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
     amg_box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
@@ -156,6 +158,8 @@ class Settings(BaseSettings):
     amg_compile: bool = False
     amg_half: bool = False
     amg_prune: bool = False
+    # glibc mallopt thresholds set when the model loads (samseg.runtime.allocator); off: glibc's defaults.
+    malloc_tuning: bool = True
     segment_time_limit_seconds: int = Field(1800, ge=10)
     # Hard time limit of the io tasks (download, persist, purge); the soft limit is 20 % (at most 60 s)
     # earlier. Enforced by Celery in prefork pools and by samseg.ops.watchdog in solo and threads pools.
@@ -467,6 +471,12 @@ class Settings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def resolved_points_per_batch(self, device: str | None = None) -> int:
+        """SAMSEG_AMG_POINTS_PER_BATCH, or the measured default of the device (CPU 4, CUDA 64)."""
+        if self.amg_points_per_batch is not None:
+            return self.amg_points_per_batch
+        return CPU_POINTS_PER_BATCH if (device or self.resolved_device()) == "cpu" else GPU_POINTS_PER_BATCH
+
 
 def _split_tokens(value: str) -> list[str]:
     return [t.strip() for t in value.split(",") if t.strip()]
@@ -477,6 +487,11 @@ def _http_url(value: str) -> str:
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValueError(f"must be an http(s) URL, got {value!r}")
     return value.rstrip("/")
+
+
+# Default prompts per decoder batch when SAMSEG_AMG_POINTS_PER_BATCH is unset (docs/performance-cpu.md).
+CPU_POINTS_PER_BATCH = 4
+GPU_POINTS_PER_BATCH = 64
 
 
 @functools.cache

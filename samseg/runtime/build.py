@@ -32,9 +32,20 @@ def config_for(model_name: str) -> str:
         raise ModelLoadError(f"unknown SAM-2 model {model_name!r}; choose one of {', '.join(MODEL_CONFIGS)}") from None
 
 
-def build_model(model_name: str, checkpoint: Path | None, device: str) -> torch.nn.Module:
-    """Build SAM-2 from its packaged config and load `checkpoint` (strict, as upstream does)."""
+def build_model(
+    model_name: str, checkpoint: Path | None, device: str, *, malloc_tuning: bool = True
+) -> torch.nn.Module:
+    """Build SAM-2 from its packaged config and load `checkpoint` (strict, as upstream does).
+
+    On CPU this is also where the process's malloc thresholds are set (samseg.runtime.allocator), so every
+    entry point that runs the model gets them; `malloc_tuning=False` (SAMSEG_MALLOC_TUNING=false) keeps glibc's.
+    """
     from sam2.build_sam import build_sam2
+
+    from samseg.runtime.allocator import tune_allocator
+
+    if device == "cpu":
+        tune_allocator(malloc_tuning)
 
     config = config_for(model_name)
     if checkpoint is not None and not checkpoint.is_file():

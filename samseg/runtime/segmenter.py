@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +23,7 @@ from samseg.core.settings import Settings
 from samseg.runtime.build import ModelLoadError, build_model
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 class MaskGenerator(Protocol):
@@ -37,6 +40,19 @@ class Segmentation:
     seconds: float
 
 
+@dataclass
+class PackedSegmentation:
+    """`Segmentation` whose masks are already in a packed-masks file (samseg.core.masks.PackedMasks)."""
+
+    path: Path
+    count: int
+    height: int
+    width: int
+    predicted_iou: npt.NDArray[np.float32]
+    stability_score: npt.NDArray[np.float32]
+    seconds: float
+
+
 class Segmenter:
     def __init__(self, settings: Settings) -> None:
         import torch
@@ -44,9 +60,12 @@ class Segmenter:
         self.settings = settings
         self.device = settings.resolved_device()
         started = time.perf_counter()
-        self.model = build_model(settings.sam2_model, settings.checkpoint_path, self.device)
+        self.model = build_model(
+            settings.sam2_model, settings.checkpoint_path, self.device, malloc_tuning=settings.malloc_tuning
+        )
+        self.points_per_batch = settings.resolved_points_per_batch(self.device)
         self.torch = torch
-        # One lock for building generators and running them: SAM-2's predictor scripts its transforms with
+        # One lock for building generators and running them: upstream's predictor scripts its transforms with
         # torch.jit when built, which is not thread-safe, and one model serves one inference at a time.
         self._lock = threading.RLock()
         self._generators: dict[int, MaskGenerator] = {}
@@ -56,6 +75,7 @@ class Segmenter:
             checkpoint=str(settings.checkpoint_path),
             device=self.device,
             amg_impl=settings.amg_impl,
+            points_per_batch=self.points_per_batch,
             seconds=round(time.perf_counter() - started, 2),
         )
 
@@ -73,7 +93,7 @@ class Segmenter:
         started = time.perf_counter()
         image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
         with self._lock, self.torch.inference_mode():
-            self.generator(self.settings.amg_points_per_batch).generate(image)
+            self.generator(self.points_per_batch).generate(image)
         return time.perf_counter() - started
 
     def _make_generator(self, points_per_batch: int) -> MaskGenerator:
@@ -97,20 +117,61 @@ class Segmenter:
         return SAM2AutomaticMaskGenerator(self.model, output_mode="binary_mask", **params)  # type: ignore[no-any-return]
 
     def segment(self, image: npt.NDArray[np.uint8], points_per_batch: int | None = None) -> Segmentation:
+        seconds, masks = self._generate(image, points_per_batch)
+        return Segmentation(
+            masks=[m.dense() for m in masks],
+            predicted_iou=np.array([m.predicted_iou for m in masks], dtype=np.float32),
+            stability_score=np.array([m.stability_score for m in masks], dtype=np.float32),
+            seconds=seconds,
+        )
+
+    def segment_packed(
+        self, image: npt.NDArray[np.uint8], path: Path, points_per_batch: int | None = None
+    ) -> PackedSegmentation:
+        """Like `segment`, but the masks go straight into a `write_packed_masks` file, one at a time.
+
+        Peak memory is the generator's compact masks plus one full-resolution mask, instead of every mask at
+        full resolution (40 MP x 100 masks: ~4 GB as bool). The file is what samseg.core.masks.PackedMasks reads.
+        """
+        seconds, masks = self._generate(image, points_per_batch)
+        height, width = image.shape[:2]
+        write_packed_rows(path, (m.packed_rows() for m in masks), len(masks), height, width)
+        return PackedSegmentation(
+            path=path,
+            count=len(masks),
+            height=height,
+            width=width,
+            predicted_iou=np.array([m.predicted_iou for m in masks], dtype=np.float32),
+            stability_score=np.array([m.stability_score for m in masks], dtype=np.float32),
+            seconds=seconds,
+        )
+
+    def _generate(self, image: npt.NDArray[np.uint8], points_per_batch: int | None) -> tuple[float, list[OutputMask]]:
+        """The generator's masks, sorted by area (largest first), empty ones dropped; and the model's seconds."""
         with self._lock, self.torch.inference_mode():
             # Timed inside the lock: with a threaded GPU worker another task may hold the model first, and
             # `seconds` is the model's time, not the wait for it.
             started = time.perf_counter()
-            generator = self.generator(points_per_batch or self.settings.amg_points_per_batch)
-            records = generator.generate(image)
+            generator = self.generator(points_per_batch or self.points_per_batch)
+            if hasattr(generator, "generate_masks"):  # FastMaskGenerator
+                masks: list[OutputMask] = list(generator.generate_masks(image))
+            else:
+                masks = [_RecordMask(r) for r in generator.generate(image)]
             seconds = time.perf_counter() - started
-        return to_segmentation(records, image.shape[:2], seconds)
+        return seconds, sort_masks(masks)
 
     def segment_with_fallback(self, image: npt.NDArray[np.uint8]) -> Segmentation:
         """On out-of-memory, free what the failed attempt held and retry once with a quarter of the batch."""
-        batch = self.settings.amg_points_per_batch
+        return self._with_fallback(lambda batch: self.segment(image, batch))
+
+    def segment_packed_with_fallback(self, image: npt.NDArray[np.uint8], path: Path) -> PackedSegmentation:
+        """`segment_packed` with `segment_with_fallback`'s out-of-memory retry."""
+        return self._with_fallback(lambda batch: self.segment_packed(image, path, batch))
+
+    def _with_fallback(self, run: Callable[[int], T]) -> T:
+        batch = self.points_per_batch
         try:
-            return self.segment(image, batch)
+            return run(batch)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -118,7 +179,7 @@ class Segmenter:
             log.warning("segment_out_of_memory", points_per_batch=batch, retry_with=smaller, error=str(exc)[:300])
             self._release_memory()
         try:
-            return self.segment(image, smaller)
+            return run(smaller)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -142,16 +203,55 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
 
 
-def to_segmentation(records: list[dict[str, Any]], shape: tuple[int, ...], seconds: float) -> Segmentation:
-    areas = [int(np.count_nonzero(r["segmentation"])) for r in records]
-    order = sorted((i for i, area in enumerate(areas) if area > 0), key=lambda i: areas[i], reverse=True)
-    kept = [records[i] for i in order]
-    return Segmentation(
-        masks=[np.asarray(r["segmentation"], dtype=bool) for r in kept],
-        predicted_iou=np.array([float(r["predicted_iou"]) for r in kept], dtype=np.float32),
-        stability_score=np.array([float(r["stability_score"]) for r in kept], dtype=np.float32),
-        seconds=seconds,
-    )
+class OutputMask(Protocol):
+    """One generated mask: statistics now, full resolution on demand (samseg.runtime.amg.GeneratedMask)."""
+
+    @property
+    def area(self) -> int: ...
+    @property
+    def predicted_iou(self) -> float: ...
+    @property
+    def stability_score(self) -> float: ...
+    def dense(self) -> npt.NDArray[np.bool_]: ...
+    def packed_rows(self) -> npt.NDArray[np.uint8]: ...
+
+
+class _RecordMask:
+    """An upstream record (SAMSEG_AMG_IMPL=upstream) seen as an OutputMask; its mask is already full size."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.mask = np.asarray(record["segmentation"], dtype=bool)
+        self.area = int(np.count_nonzero(self.mask))
+        self.predicted_iou = float(record["predicted_iou"])
+        self.stability_score = float(record["stability_score"])
+
+    def dense(self) -> npt.NDArray[np.bool_]:
+        return self.mask
+
+    def packed_rows(self) -> npt.NDArray[np.uint8]:
+        return np.packbits(self.mask, axis=1)
+
+
+def write_packed_rows(path: Path, rows: Iterable[npt.NDArray[np.uint8]], count: int, height: int, width: int) -> None:
+    """samseg.core.masks.write_packed_masks' file, from masks already packed per row (one in memory at a time)."""
+    row_bytes = (width + 7) // 8
+    with path.open("wb") as out:
+        header = {"descr": "|u1", "fortran_order": False, "shape": (count, height, row_bytes)}
+        np.lib.format.write_array_header_1_0(out, header)
+        written = 0
+        for packed in rows:
+            if packed.shape != (height, row_bytes) or packed.dtype != np.uint8:
+                raise ValueError(f"mask {written} is {packed.shape} {packed.dtype}, expected {(height, row_bytes)}")
+            out.write(packed.tobytes())
+            written += 1
+    if written != count:
+        raise ValueError(f"wrote {written} masks, announced {count}")
+
+
+def sort_masks(masks: list[OutputMask]) -> list[OutputMask]:
+    """Largest first, empty masks dropped (stable: equal areas keep the generator's order)."""
+    order = sorted((i for i, m in enumerate(masks) if m.area > 0), key=lambda i: masks[i].area, reverse=True)
+    return [masks[i] for i in order]
 
 
 _instance: Segmenter | None = None

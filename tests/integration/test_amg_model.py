@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from samseg.runtime.amg import FastMaskGenerator
 
@@ -107,3 +108,42 @@ def test_approximate_flags_produce_valid_records(model: Any, image: np.ndarray, 
     assert 0 < len(out) <= POINTS * POINTS * 3
     for rec in out:
         check_record(rec, image.shape[:2])
+
+
+# ---- start-up and bounded-memory output (issue #18 / #15) --------------------------------------------
+def test_encoder_input_equals_the_predictors(model: Any, image: np.ndarray) -> None:
+    """The generator no longer builds a SAM2ImagePredictor (torch.jit.script per instance): same features."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    gen = FastMaskGenerator(model, points_per_side=POINTS)
+    predictor = SAM2ImagePredictor(model)
+    with torch.inference_mode():
+        predictor.set_image(image)
+        feats = predictor._features
+        expected = gen.decoder.image_state(feats["image_embed"], list(feats["high_res_feats"]))
+        ours = gen._encode(image)
+    for name in ("keys0", "pe", "k0", "v0", "q0"):
+        assert torch.equal(getattr(ours, name), getattr(expected, name)), name
+    for a, b in zip(ours.high_res, expected.high_res, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_segment_packed_equals_segment(model: Any, image: np.ndarray, tmp_path: Any) -> None:
+    """Masks written one at a time, bit-packed per row, equal the full-resolution masks of `segment`."""
+    from samseg.core.masks import PackedMasks, unpack_masks
+    from samseg.runtime.segmenter import Segmenter
+
+    seg = object.__new__(Segmenter)  # the fixture's model; no settings or checkpoint needed
+    seg.model, seg.torch, seg.device, seg.points_per_batch = model, torch, "cpu", 4
+    seg._lock, seg._generators = __import__("threading").RLock(), {}
+    seg._generators[4] = FastMaskGenerator(model, points_per_side=POINTS, points_per_batch=4, **REGIMES["filters_off"])  # type: ignore[arg-type]
+    full = seg.segment(image)
+    packed = seg.segment_packed(image, tmp_path / "masks.npy")
+    nonempty = sum(1 for r in upstream(model, image, "filters_off") if r["area"] > 0)
+    assert packed.count == len(full.masks) == nonempty > 0
+    stored = PackedMasks(packed.path, image.shape[1])
+    for i, mask in enumerate(full.masks):
+        assert np.array_equal(unpack_masks(stored.read(i), image.shape[1]), mask)
+    np.testing.assert_array_equal(packed.predicted_iou, full.predicted_iou)
+    areas = [int(m.sum()) for m in full.masks]
+    assert areas == sorted(areas, reverse=True) and min(areas) > 0

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from samseg.runtime.amg import bilinear_axis, boundary_fraction, cell_grid, cell_masks, dense_masks, paint_mask
+from samseg.runtime.amg.geometry import unpack_box
 
 
 @pytest.mark.parametrize("out_hw", [(768, 1024), (96, 128), (300, 257), (1000, 1500)])
@@ -52,8 +53,8 @@ def test_cell_masks_match_dense_upsample(noisy: bool, out_hw: tuple[int, int]) -
         assert np.count_nonzero(seg != binary[k].numpy()) <= 2
     d_counts, d_boxes, d_packed = dense_masks(low, out_hw, thresholds, mask_idx=1)
     assert torch.equal(d_counts, counts) and torch.equal(d_boxes, boxes)
-    h, w = out_hw
-    assert np.array_equal(np.unpackbits(d_packed[2])[: h * w].reshape(h, w).astype(bool), binary[2].numpy())
+    x0, y0, x1, y1 = d_boxes[2].tolist()  # packed: the box crop only
+    assert np.array_equal(unpack_box(d_packed[2], [x0, y0, x1, y1]), binary[2, y0 : y1 + 1, x0 : x1 + 1].numpy())
 
 
 def test_boundary_fraction_separates_smooth_from_noisy() -> None:

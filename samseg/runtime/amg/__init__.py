@@ -16,7 +16,11 @@ Exact (equal up to float rounding, always on):
     the 128-d head space ((x W^T) k^T == x (W^T k^T), P (x W^T + b) == (P x) W^T + b), and the
     image->token output projection, bias and residual fold into one bmm; the softmax over the
     8 prompt tokens is laid out so it vectorises over the 4096 image tokens;
-  * prompts run in chunks of 16 on CPU (4 MB of activations per prompt; ~2x faster than 64);
+  * prompts run in chunks of 4 on CPU by default (points_per_batch; 4 MB per prompt per activation, so each
+    block stays under glibc's mmap ceiling and is reused from the heap: see samseg.runtime.allocator and
+    docs/performance-cpu.md), at most 16;
+  * the image is encoded with SAM2ImagePredictor.set_image's maths but without building a predictor, whose
+    constructor torch.jit.scripts its transforms (~1.3 s per generator on CPU);
   * the upscaling runs channels-last (oneDNN's transposed convolutions ~3x faster than NCHW);
     only the three multimask outputs that upstream AMG uses (multimask_output=True, so the
     decoder's dynamic_multimask_via_stability never applies) get a hypernetwork product;
@@ -27,8 +31,9 @@ Exact (equal up to float rounding, always on):
     corners, so only cells straddling a threshold (the mask boundary) are interpolated, with
     PyTorch's formula; noisy logits (mostly boundary, e.g. random weights) and CUDA take the dense
     path, one F.interpolate per small chunk exactly as upstream;
-  * box NMS runs before any full-size mask is materialised; survivors are painted straight into
-    bool arrays (no RLE encode/decode round trip), candidates are kept bit-packed meanwhile.
+  * box NMS runs before any full-size mask is materialised; candidates are kept bit-packed meanwhile
+    (the dense path keeps only each mask's box) and survivors are painted within their box, on demand and
+    one at a time (`GeneratedMask`: `dense()` / `packed_rows()`), with no RLE encode/decode round trip.
   SAM-2 already upsamples the 256x256 logits to the original size in one bilinear resize (SAM-1
   used two), so there is no second resize to remove or approximate.
 
@@ -49,7 +54,8 @@ low-resolution hole/sprinkle filling is delegated to upstream's `SAM2Transforms`
 `SAM2ImagePredictor` does (it needs sam2's CUDA extension and is skipped with a warning without it).
 
 Layout: `geometry` (pure tensor helpers: bilinear geometry, cell-level statistics, painting), `decoder` (the
-re-associated mask decoder), `generator` (FastMaskGenerator: grid, batches, filters, NMS, records).
+re-associated mask decoder), `generator` (FastMaskGenerator: grid, batches, filters, NMS, records), `output`
+(GeneratedMask: a kept mask, full resolution on demand).
 """
 
 from samseg.runtime.amg.generator import FastMaskGenerator
@@ -63,11 +69,13 @@ from samseg.runtime.amg.geometry import (
     dense_masks,
     paint_mask,
 )
+from samseg.runtime.amg.output import GeneratedMask
 
 __all__ = [
     "CellGrid",
     "CellMasks",
     "FastMaskGenerator",
+    "GeneratedMask",
     "bilinear_axis",
     "boundary_fraction",
     "cell_grid",

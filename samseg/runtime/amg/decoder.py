@@ -114,8 +114,8 @@ class Frame:
 class Candidate:
     """A mask that passed the per-batch filters, kept compact (~10 kB) until NMS decides."""
 
-    packed: np.ndarray  # packbits of the [R, C] cells wholly inside the mask, or of the full mask
-    pos_flat: Tensor | None  # flat indices of boundary pixels inside the mask; None: `packed` is full
+    packed: np.ndarray  # packbits of the [R, C] cells wholly inside the mask, or of the mask's box crop
+    pos_flat: Tensor | None  # flat indices of boundary pixels inside the mask; None: `packed` is the box crop
     box: list[int]  # XYXY, inclusive, as batched_mask_to_box
     area: int
     stability: float

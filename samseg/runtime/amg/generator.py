@@ -5,6 +5,7 @@ See samseg.runtime.amg for what is exact and what is approximate.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from samseg.core.settings import CPU_POINTS_PER_BATCH, GPU_POINTS_PER_BATCH
 from samseg.runtime.amg.decoder import Candidate, Frame, ImageState, PromptDecoder
 from samseg.runtime.amg.geometry import (
     DENSE_BOUNDARY_FRACTION,
@@ -20,12 +22,47 @@ from samseg.runtime.amg.geometry import (
     boundary_fraction,
     cell_grid,
     cell_masks,
+    dense_chunk,
     dense_masks,
-    paint_mask,
 )
+from samseg.runtime.amg.output import GeneratedMask, PaintContext
 
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
+
+
+@functools.cache
+def _image_transform(resolution: int) -> Any:
+    """SAM2Transforms' image path (ToTensor, Resize to a square, ImageNet Normalize), built once per process.
+
+    Upstream builds it with torch.jit.script in every SAM2ImagePredictor (~1.3 s per generator on CPU); the
+    same torchvision modules run eagerly give the same tensors (tests/unit/test_amg_startup.py).
+    """
+    from torchvision.transforms import Normalize, Resize, ToTensor
+
+    return torch.nn.Sequential(
+        _ToTensor(ToTensor()),
+        Resize((resolution, resolution)),
+        Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    )
+
+
+class _ToTensor(torch.nn.Module):
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Any) -> Tensor:
+        out: Tensor = self.inner(x)
+        return out
+
+
+@functools.cache
+def _hole_filler(resolution: int, area: int) -> Any:
+    """Upstream's SAM2Transforms for min_mask_region_area (it scripts itself: built once per process)."""
+    from sam2.utils.transforms import SAM2Transforms
+
+    return SAM2Transforms(resolution, MASK_THRESHOLD, area, area)
 
 
 class FastMaskGenerator:
@@ -39,7 +76,7 @@ class FastMaskGenerator:
         model: SAM2Base,
         *,
         points_per_side: int = 32,
-        points_per_batch: int = 64,
+        points_per_batch: int | None = None,
         pred_iou_thresh: float = 0.8,
         stability_score_thresh: float = 0.95,
         box_nms_thresh: float = 0.7,
@@ -49,14 +86,15 @@ class FastMaskGenerator:
         half: bool = False,
         prune: bool = False,
     ) -> None:
-        from sam2.sam2_image_predictor import SAM2ImagePredictor
         from sam2.utils.amg import build_point_grid
 
         self.model = model
         self.device = torch.device(model.device)
-        self.predictor = SAM2ImagePredictor(model)
         self.resolution = int(model.image_size)
+        self._transform = _image_transform(self.resolution)
         self.grid = build_point_grid(points_per_side)
+        if points_per_batch is None:  # the measured per-device default (docs/performance-cpu.md)
+            points_per_batch = CPU_POINTS_PER_BATCH if self.device.type == "cpu" else GPU_POINTS_PER_BATCH
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -71,13 +109,12 @@ class FastMaskGenerator:
             self.points_per_batch = len(self.grid)  # all points in one batch
         self._hole_filler: Any = None
         if min_mask_region_area > 0:
-            from sam2.utils.transforms import SAM2Transforms
-
-            self._hole_filler = SAM2Transforms(
-                self.resolution, MASK_THRESHOLD, min_mask_region_area, min_mask_region_area
-            )
-        # Prompts per decoder call: per-prompt activations are 4 MB (4096x256 fp32), so CPU chunks of
-        # 16 stay cache-friendly (measured ~2x faster per prompt than 64); CUDA takes the whole batch.
+            self._hole_filler = _hole_filler(self.resolution, min_mask_region_area)
+        # Prompts per decoder call: each prompt's activations are 4 MB per 4096x256 fp32 tensor, so a chunk of
+        # B prompts allocates B x 4 MB blocks. On CPU at most 16 (measured ~2x faster per prompt than 64); the
+        # CPU default batch of 4 keeps every block under glibc's 32 MiB mmap ceiling (samseg.runtime.allocator),
+        # so it is reused from the heap instead of being mmapped and page-faulted again per chunk.
+        # CUDA takes the whole batch.
         self._chunk = min(self.points_per_batch, 16) if self.device.type == "cpu" else self.points_per_batch
         self.timings: dict[str, float] = {}
         self._compiled = compile
@@ -110,16 +147,33 @@ class FastMaskGenerator:
             self._transformer_fn(st, coords)
 
     def _encode(self, image: np.ndarray) -> ImageState:
-        self.predictor.set_image(image)
-        feats = self.predictor._features
-        state = self.decoder.image_state(feats["image_embed"], list(feats["high_res_feats"]))
-        self.predictor.reset_predictor()
-        return state
+        """SAM2ImagePredictor.set_image's maths (same transforms, same ops), without building a predictor."""
+        model: Any = self.model
+        input_image = self._transform(image)[None].to(self.device)
+        backbone_out = model.forward_image(input_image)
+        _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
+        if model.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
+        r = self.resolution
+        sizes = [(r // 4, r // 4), (r // 8, r // 8), (r // 16, r // 16)]  # the predictor's _bb_feat_sizes
+        feats = [
+            feat.permute(1, 2, 0).view(1, -1, *size) for feat, size in zip(vision_feats[::-1], sizes[::-1], strict=True)
+        ][::-1]
+        return self.decoder.image_state(feats[-1], feats[:-1])
 
     # ---- main ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Masks for an HxWx3 uint8 RGB image, as upstream's records (binary `segmentation`)."""
+        masks = self.generate_masks(image)
+        t0 = time.perf_counter()
+        records = [m.record() for m in masks]
+        self.timings["full_res"] += time.perf_counter() - t0
+        return records
+
+    @torch.inference_mode()
+    def generate_masks(self, image: np.ndarray) -> list[GeneratedMask]:
+        """The same masks in upstream's order, compact: full resolution only when a caller asks, one at a time."""
         from torchvision.ops.boxes import batched_nms
 
         h, w = image.shape[:2]
@@ -159,29 +213,16 @@ class FastMaskGenerator:
         boxes = torch.tensor([c.box for c in cands], dtype=torch.float32)
         scores = torch.tensor([c.iou for c in cands], dtype=torch.float32)
         order = batched_nms(boxes, scores, torch.zeros(len(cands)), iou_threshold=self.box_nms_thresh)
-        low_shape = (len(ctx.grid.ny), len(ctx.grid.nx))
-        records: list[dict[str, Any]] = []
-        for k in order.tolist():
-            c = cands[k]
-            if c.pos_flat is None:
-                seg = np.unpackbits(c.packed)[: h * w].astype(bool).reshape(h, w)
-            else:
-                inside = np.unpackbits(c.packed)[: low_shape[0] * low_shape[1]].astype(bool)
-                seg = paint_mask(torch.from_numpy(inside).view(low_shape), c.pos_flat, ctx.grid)
-            x_lo, y_lo, x_hi, y_hi = (float(v) for v in c.box)
-            records.append(
-                {
-                    "segmentation": seg,
-                    "area": c.area,
-                    "bbox": [x_lo, y_lo, x_hi - x_lo, y_hi - y_lo],
-                    "predicted_iou": c.iou,
-                    "point_coords": [c.point],
-                    "stability_score": c.stability,
-                    "crop_box": [0.0, 0.0, float(w), float(h)],
-                }
-            )
+        paint = PaintContext(
+            height=h,
+            width=w,
+            y_cell=ctx.grid.ys.i0.numpy(),
+            x_cell=ctx.grid.xs.i0.numpy(),
+            low_shape=(len(ctx.grid.ny), len(ctx.grid.nx)),
+        )
+        masks = [GeneratedMask(cands[k], paint) for k in order.tolist()]
         self.timings["full_res"] += time.perf_counter() - t0
-        return records
+        return masks
 
     def _process_chunk(self, ctx: Frame, idx: Tensor) -> list[Candidate]:
         """Decoder + filters for one chunk of prompts; returns the candidates that pass all filters."""
@@ -237,7 +278,7 @@ class FastMaskGenerator:
         if len(dense_idx):
             dense_low = low[dense_idx.to(low.device)]
             d_counts, d_boxes, d_packed = dense_masks(
-                dense_low, ctx.grid.out_hw, thresholds, mask_idx=1, chunk=16 if on_device else 4
+                dense_low, ctx.grid.out_hw, thresholds, mask_idx=1, chunk=dense_chunk(ctx.grid.out_hw, on_device)
             )
             counts[dense_idx], boxes[dense_idx] = d_counts, d_boxes
             for n, j in enumerate(dense_idx.tolist()):

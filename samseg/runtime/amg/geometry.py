@@ -170,7 +170,11 @@ def boundary_fraction(low: Tensor, thresholds: tuple[float, ...]) -> Tensor:
 def dense_masks(
     low: Tensor, out_hw: tuple[int, int], thresholds: tuple[float, ...], mask_idx: int, chunk: int = 4
 ) -> tuple[Tensor, Tensor, list[np.ndarray]]:
-    """Upstream's path (one full-size bilinear resize), in small chunks: counts, boxes, packed masks."""
+    """Upstream's path (one full-size bilinear resize), in small chunks: counts, boxes, packed masks.
+
+    Each packed mask holds only its box (`np.packbits` of `mask[y0:y1+1, x0:x1+1]`, flattened; see
+    `unpack_box`), so what is kept until NMS is proportional to the mask, not to the frame.
+    """
     from sam2.utils.amg import batched_mask_to_box
 
     counts: list[Tensor] = []
@@ -180,9 +184,12 @@ def dense_masks(
         up = F.interpolate(part[:, None], out_hw, mode="bilinear", align_corners=False)[:, 0]
         counts.append(torch.stack([(up > t).sum((1, 2)) for t in thresholds], 1).cpu())
         binary = up > thresholds[mask_idx]
-        boxes.append(batched_mask_to_box(binary).long().cpu())
-        flat = binary.cpu().numpy().reshape(len(part), -1)
-        packed.extend(np.packbits(flat, axis=1))
+        del up
+        box = batched_mask_to_box(binary).long().cpu()
+        boxes.append(box)
+        binary_np = binary.cpu().numpy()
+        for k, (x0, y0, x1, y1) in enumerate(box.tolist()):
+            packed.append(np.packbits(binary_np[k, y0 : y1 + 1, x0 : x1 + 1]))
     if not counts:
         return torch.zeros(0, len(thresholds), dtype=torch.int64), torch.zeros(0, 4, dtype=torch.int64), []
     return torch.cat(counts), torch.cat(boxes), packed
@@ -193,3 +200,38 @@ def paint_mask(inside: Tensor, pos_flat: Tensor, grid: CellGrid) -> np.ndarray:
     seg = inside[grid.ys.i0][:, grid.xs.i0].numpy().copy()
     seg.reshape(-1)[pos_flat.numpy()] = True
     return seg
+
+
+def dense_chunk(out_hw: tuple[int, int], on_device: bool) -> int:
+    """Masks per full-size resize in `dense_masks`: ~64 MB of float32 logits per chunk on CPU (4 at 1024x768,
+    1 at 40 MP), so the transient memory of the dense path does not grow with the image."""
+    if on_device:
+        return 16
+    return max(1, min(4, (1 << 24) // max(1, out_hw[0] * out_hw[1])))
+
+
+def unpack_box(packed: np.ndarray, box: list[int]) -> np.ndarray:
+    """The bool [y1-y0+1, x1-x0+1] crop that `dense_masks` packed for an XYXY (inclusive) box."""
+    x0, y0, x1, y1 = box
+    bh, bw = y1 - y0 + 1, x1 - x0 + 1
+    return np.unpackbits(packed, count=bh * bw).view(bool).reshape(bh, bw)
+
+
+def paint_rows(
+    out: np.ndarray, box: list[int], inside: np.ndarray | None, packed_box: np.ndarray | None,
+    pos_flat: np.ndarray | None, y_cell: np.ndarray, x_cell: np.ndarray, width: int,
+) -> None:  # fmt: skip
+    """Fill `out` (bool [y1-y0+1, W], zeros: rows y0..y1 of the mask) from a mask's compact form.
+
+    Work is proportional to the mask's box, not to the frame: cells are expanded only inside the box and
+    boundary pixels (`pos_flat`, flat y * W + x, all inside the box) are set one by one. `y_cell`/`x_cell`
+    are the low-res cell of each output row/column (CellGrid.ys.i0 / xs.i0 as numpy).
+    """
+    x0, y0, x1, y1 = box
+    if packed_box is not None:
+        out[:, x0 : x1 + 1] = unpack_box(packed_box, box)
+        return
+    assert inside is not None and pos_flat is not None
+    out[:, x0 : x1 + 1] = inside[y_cell[y0 : y1 + 1]][:, x_cell[x0 : x1 + 1]]
+    if len(pos_flat):
+        out.reshape(-1)[pos_flat - y0 * width] = True
