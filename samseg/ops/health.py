@@ -61,7 +61,7 @@ class Heartbeat(threading.Thread):
         self.needs_model = needs_model
         # What makes a live process unhealthy anyway (samseg.ops.watchdog: a task stuck past its hard limit).
         self.problems = problems or (lambda: [])
-        self._stop = threading.Event()
+        self._stop_event = threading.Event()
 
     def beat(self) -> None:
         ready = not self.needs_model or ready_marker(self.path).exists()
@@ -81,11 +81,11 @@ class Heartbeat(threading.Thread):
                     announced = True
             except OSError as exc:
                 log.warning("heartbeat_write_failed", error=repr(exc))
-            if self._stop.wait(self.interval):
+            if self._stop_event.wait(self.interval):
                 return
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop_event.set()
 
 
 @dataclass(frozen=True)

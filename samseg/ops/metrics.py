@@ -209,7 +209,7 @@ class QueueDepthPoller(Collector):
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._first = threading.Event()
-        self._stop = threading.Event()
+        self._stop_event = threading.Event()
         self._last: tuple[float, dict[str, int]] | None = None
         self._failing = False
 
@@ -224,7 +224,7 @@ class QueueDepthPoller(Collector):
             self._first.wait(first_wait)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop_event.set()
 
     def latest(self) -> tuple[float, dict[str, int]] | None:
         """(age in seconds, depths) of the last successful read, or None if there was none yet."""
@@ -247,9 +247,9 @@ class QueueDepthPoller(Collector):
             self._first.set()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop_event.is_set():
             self.poll_once()
-            self._stop.wait(self.interval)
+            self._stop_event.wait(self.interval)
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(

@@ -46,10 +46,10 @@ class VisibilityKeeper(threading.Thread):
         self.client = client or sqs_client(
             settings, connect_timeout=KEEPER_CONNECT_TIMEOUT, read_timeout=KEEPER_READ_TIMEOUT, retries=KEEPER_ATTEMPTS
         )
-        self._stop = threading.Event()
+        self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop_event.wait(self.interval):
             try:
                 self.extend_all()
             except Exception as exc:  # never let the keeper die: a missed round is retried next interval
@@ -128,7 +128,7 @@ class VisibilityKeeper(threading.Thread):
         return 1
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop_event.set()
 
 
 def held_requests(state: Any) -> list[Any]:
