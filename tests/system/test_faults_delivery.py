@@ -618,3 +618,33 @@ def test_visibility_warning_is_a_json_log_line(make_stack):
     worker = stack.start_worker("-Q", stack.env["SAMSEG_QUEUE_PREFIX"] + "io", "-c", "1")
     assert "visibility_timeout_too_short" in worker.output()
     assert count_events(worker, "visibility_timeout_too_short") >= 1
+
+
+FAULTS_DIR = REPO / "tests" / "faults"
+
+
+def test_segment_past_its_time_limit_in_a_prefork_worker_fails_once_with_timeout(make_stack, http_server, app_server):
+    """Fault: a segment stage that stays in the model past SAMSEG_SEGMENT_TIME_LIMIT_SECONDS — injected inside
+    the prefork pool child (tests/faults/sitecustomize.py, SAMSEG_TEST_FAULT=slow_prompt: every prompt batch
+    sleeps 120 s), with a 30 s limit (soft limit 24 s) and a 40 s visibility timeout. Outcome expected: Celery's
+    soft time limit interrupts the task inside the model, the run fails with `timeout` (not `model_error`,
+    not `internal_error`), and exactly one `failed` callback goes out; the worker lives on."""
+    stack = make_stack(
+        SAMSEG_APP_SERVER_URL=app_server.url,
+        SAMSEG_VISIBILITY_TIMEOUT_SECONDS="40",
+        SAMSEG_SEGMENT_TIME_LIMIT_SECONDS="30",
+        **LAZY,
+    )
+    fault = {"SAMSEG_TEST_FAULT": "slow_prompt:120", "PYTHONPATH": f"{FAULTS_DIR}:{REPO}"}
+    worker = stack.start_worker("-c", "1", env=fault)  # prefork: the pool child runs the task
+    uuid = "limit-past-1"
+    started = time.monotonic()
+    stack.send_raw(json.dumps({"uuid": uuid, "image_url": _image(http_server)}))
+    wait_until(lambda: "samseg_test_fault_injected slow_prompt" in worker.output(), 120, "the slowed prompt batch")
+    body = _exactly_one_callback(stack, app_server, uuid, timeout=120)
+    took = time.monotonic() - started
+    assert body["status"] == "failed" and body["error"]["code"] == "timeout", body
+    assert "time limit" in body["error"]["message"], body
+    assert count_events(worker, "image_segmented", uuid) == 0
+    assert took < 120, took  # the limit cut the 120 s sleep short
+    assert worker.popen.poll() is None  # the worker survived its task's time limit
