@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,7 @@ from tests.faults_support import (
     events,
     is_callback,
     leftovers,
+    queue_depths,
     session_cpu_seconds,
     session_pids,
     settled_callbacks,
@@ -648,3 +650,56 @@ def test_segment_past_its_time_limit_in_a_prefork_worker_fails_once_with_timeout
     assert count_events(worker, "image_segmented", uuid) == 0
     assert took < 120, took  # the limit cut the 120 s sleep short
     assert worker.popen.poll() is None  # the worker survived its task's time limit
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="samseg loses the chain after the pool child's SIGKILL (seen twice, 2026-12-05): WorkerLostError, the "
+    "segment is redelivered, held again once the lease ran out and succeeds in the replacement child (record "
+    "handed off, payload with mask_count), but the persist message never reaches SQS (jobs/io/gpu all 0), so no "
+    "callback until the sweeper republishes at SAMSEG_STALE_RUN_SECONDS (4 h). The replacement child logs "
+    "'Exception ignored in _after_fork ... TypeError: Event object is not callable': "
+    "samseg.queue.visibility.VisibilityKeeper (a Thread started before the fork) shadows Thread._stop with an "
+    "Event, so threading's after-fork cleanup aborts in every replacement child. Remove this mark once fixed "
+    "(strict: an unexpected pass fails).",
+)
+def test_oom_killed_pool_child_mid_segment_is_redelivered_and_completes_once(make_stack, http_server, app_server):
+    """Fault: the kernel's OOM killer — SIGKILL of the prefork pool child alone (not the process group) while it
+    is inside the model (tests/faults/sitecustomize.py, slow_prompt: each prompt batch first sleeps 4 s and
+    logs its pid, which is the child to kill). The worker's main process lives and sees WorkerLostError;
+    with task_acks_late + task_reject_on_worker_lost, Celery rejects the message back to SQS instead of
+    failing the job. Outcome expected (what samseg does): the segment task is received again, runs in a
+    fresh pool child once the dead child's stage lease (SAMSEG_STAGE_LEASE_SECONDS=20) has run out, and the
+    job ends `completed` with exactly one callback; the main process never died."""
+    stack = make_stack(
+        SAMSEG_APP_SERVER_URL=app_server.url,
+        SAMSEG_VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY),
+        SAMSEG_STAGE_LEASE_SECONDS="20",
+        **LAZY,
+    )
+    fault = {"SAMSEG_TEST_FAULT": "slow_prompt:4", "PYTHONPATH": f"{FAULTS_DIR}:{REPO}"}
+    worker = stack.start_worker("-c", "1", env=fault)
+    main_pid = worker.popen.pid
+    uuid = "oom-killed-1"
+    stack.send_raw(json.dumps({"uuid": uuid, "image_url": _image(http_server)}))
+    marker = "samseg_test_fault_injected slow_prompt"
+    line = wait_until(
+        lambda: next((x for x in worker.output().splitlines() if marker in x), None), 120, "the segment in the model"
+    )
+    child = int(re.search(r"pid=(\d+)", line[line.index(marker) :]).group(1))  # type: ignore[union-attr]
+    assert child != main_pid and child in children(main_pid), (child, main_pid)
+    assert task_received(worker, uuid, "segment") == 1 and count_events(worker, "image_segmented", uuid) == 0
+    os.kill(child, signal.SIGKILL)  # the child only, as the OOM killer picks the biggest process
+
+    try:
+        body = _exactly_one_callback(stack, app_server, uuid, timeout=240)
+    except TimeoutError as exc:
+        _, stores = stack_stores(stack.env)
+        raise AssertionError(f"{exc}; queues {queue_depths(stack)}; record {stores.jobs.get(uuid)}") from exc
+    assert body["status"] == "completed" and body["segments"], body
+    assert "WorkerLostError" in worker.output()  # the main process saw its child die ...
+    assert worker.popen.poll() is None and main_pid in session_pids(main_pid)  # ... and lived on
+    assert task_received(worker, uuid, "segment") >= 2  # the rejected message came back
+    assert count_events(worker, "image_segmented", uuid) == 1  # and ran to the end once
+    assert child not in children(main_pid)
+    assert check_job_folder(stack.assets, uuid, body) == []
