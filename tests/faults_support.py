@@ -40,6 +40,71 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+def queue_depths(stack: Any, names: tuple[str, ...] = ("jobs", "io", "gpu")) -> dict[str, int]:
+    """Messages on each of the stack's queues: waiting + in flight (received, not yet deleted) + delayed
+    (a retry's countdown). Zero everywhere: no task can run again, no copy can be redelivered."""
+    prefix = stack.env["SAMSEG_QUEUE_PREFIX"]
+    queue_names = {"jobs": stack.jobs_queue, "io": prefix + "io", "gpu": prefix + "gpu"}
+    client = stack.sqs()
+    depths = {}
+    for name in names:
+        url = client.get_queue_url(QueueName=queue_names[name])["QueueUrl"]
+        attrs = client.get_queue_attributes(
+            QueueUrl=url,
+            AttributeNames=[
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesNotVisible",
+                "ApproximateNumberOfMessagesDelayed",
+            ],
+        )["Attributes"]
+        depths[name] = sum(int(v) for v in attrs.values())
+    return depths
+
+
+def outbox_state(stack: Any, uuid: str) -> str | None:
+    """The job's callback outbox state as GET /jobs/{uuid} shows it (the stack's API if it runs one, else the
+    job store the API reads); None before the run has an outbox."""
+    if stack.api_url is not None:
+        from tests.support import AUTH
+
+        response = httpx.get(f"{stack.api_url}/jobs/{uuid}", headers=AUTH, timeout=10)
+        if response.status_code != 200:
+            return None
+        box = response.json().get("callback")
+        return None if not box else box.get("state")
+    _, stores = stack_stores(stack.env)
+    record = stores.jobs.get(uuid)
+    if record is None or record.callback is None or record.callback.state is None:
+        return None
+    return str(record.callback.state.value)
+
+
+OPEN_OUTBOX = {None, "pending", "sending"}
+
+
+def wait_drained(stack: Any, timeout: float, queues: tuple[str, ...] = ("jobs", "io", "gpu")) -> None:
+    """Until the stack's queues hold no message (waiting, in flight or delayed) on two readings a second apart:
+    a stage publishes its successor before its own message is deleted, so one reading could fall between."""
+
+    def drained() -> bool:
+        return not any(queue_depths(stack, queues).values())
+
+    wait_until(lambda: drained() and (time.sleep(1.0) or drained()), timeout, f"queues {queues} drained")
+
+
+def settled_callbacks(
+    stack: Any, app_server: LoopbackServer, uuid: str, timeout: float, queues: tuple[str, ...] = ("jobs", "io", "gpu")
+) -> list[Recorded]:
+    """The job's callbacks once nothing can add one: its outbox is closed (not pending/sending) and the jobs,
+    io and gpu queues are drained (wait_drained). Count them only then: a redelivered duplicate needs a
+    visibility timeout (>= 30 s) to reappear, and stays in flight on its queue until it has run."""
+    deadline = time.monotonic() + timeout
+    wait_until(lambda: outbox_state(stack, uuid) not in OPEN_OUTBOX, timeout, f"{uuid}'s callback outbox closed")
+    wait_drained(stack, max(1.0, deadline - time.monotonic()), queues)
+    assert outbox_state(stack, uuid) not in OPEN_OUTBOX  # nothing reopened it while the queues drained
+    return callbacks(app_server, uuid)
+
+
 # --- worker logs ----------------------------------------------------------------------------------------
 
 

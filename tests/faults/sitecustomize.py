@@ -14,6 +14,12 @@ runs the decoder's parts itself and never calls `MaskDecoder.forward`). That is 
 suite injects inside a process, because the real one — a GPU running out of memory during the batched
 decode — cannot happen on a CPU-only machine.
 
+    SAMSEG_TEST_FAULT="slow_prompt:SECONDS"
+
+makes the same hook sleep SECONDS before every prompt batch (one marker line per sleep, as above): a segment
+stage that runs past SAMSEG_SEGMENT_TIME_LIMIT_SECONDS while inside the model, the way a huge image or a
+throttled GPU would (tests/system/test_faults_delivery.py). Celery's soft time limit interrupts the sleep.
+
 The patch is applied when SAM-2 imports the module (an import hook), so torch is not imported early: the
 worker's main process must not touch torch before Celery forks its pool.
 """
@@ -32,22 +38,30 @@ TARGET = "sam2.modeling.sam.prompt_encoder"
 MARKER = "samseg_test_fault_injected"
 
 
-def _limit() -> int | None:
+def _fault() -> tuple[str, float] | None:
     spec = os.environ.get("SAMSEG_TEST_FAULT", "")
     kind, _, value = spec.partition(":")
-    if kind != "oom_above_batch":
+    if kind not in ("oom_above_batch", "slow_prompt"):
         return None
-    return int(value)
+    return kind, float(value)
 
 
-def _patch(module: ModuleType, limit: int) -> None:
+def _patch(module: ModuleType, fault: tuple[str, float]) -> None:
+    kind, value = fault
+    limit = int(value)
     encoder = module.PromptEncoder
     original = encoder.forward
 
     @functools.wraps(original)
     def forward(self: Any, points: Any = None, boxes: Any = None, masks: Any = None) -> Any:
         batch = int(self._get_batch_size(points, boxes, masks))
-        if batch > limit:
+        if kind == "slow_prompt":
+            import time
+
+            sys.stderr.write(f"{MARKER} slow_prompt seconds={value} batch={batch} pid={os.getpid()}\n")
+            sys.stderr.flush()
+            time.sleep(value)
+        elif batch > limit:
             import torch
 
             # One line per injected fault, so a test can tell the injection happened (stderr → worker log).
@@ -62,8 +76,8 @@ def _patch(module: ModuleType, limit: int) -> None:
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, fault: tuple[str, float]) -> None:
+        self.fault = fault
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != TARGET:
@@ -73,16 +87,16 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
             return None
         loader = spec.loader
         exec_module = loader.exec_module
-        limit = self.limit
+        fault = self.fault
 
         def exec_and_patch(module: ModuleType) -> None:
             exec_module(module)
-            _patch(module, limit)
+            _patch(module, fault)
 
         loader.exec_module = exec_and_patch  # type: ignore[method-assign]
         return spec
 
 
-_configured = _limit()
+_configured = _fault()
 if _configured is not None:
     sys.meta_path.insert(0, _PatchOnImport(_configured))

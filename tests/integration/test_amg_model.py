@@ -23,6 +23,8 @@ MODEL = "sam2.1_hiera_tiny"
 POINTS = 4
 REGIMES: dict[str, dict[str, float]] = {
     "filters_off": {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0},
+    # SAM-2's default thresholds (IoU 0.8, stability 0.95, NMS 0.7) — on the `confident` model: random weights
+    # keep no mask at these (IoU ~0.54), which would compare 0 masks with 0.
     "defaults": {},
     # Random weights predict IoU ~0.54: this threshold keeps some masks and exercises IoU filter + NMS.
     "iou_and_nms": {"pred_iou_thresh": 0.54, "stability_score_thresh": 0.0, "box_nms_thresh": 0.7},
@@ -35,6 +37,31 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     ckpt = write_random_checkpoint(MODEL, tmp_path_factory.mktemp("amg") / "tiny.pt", seed=0)
     return build_model(MODEL, ckpt, "cpu")
+
+
+@pytest.fixture(scope="session")
+def confident(model: Any) -> Any:
+    """The same random model with its heads made sure of themselves, so the default thresholds keep masks:
+    mask logits scaled x5000 (the hypernetworks' last layers are linear in them: the masks keep their shapes,
+    but few pixels sit within the stability offset of 0, so stability ~0.999) and the IoU head's output a
+    constant sigmoid(4) ~0.98 (> 0.8). Filtering still happens: NMS (0.7) merges the overlapping masks."""
+    import copy
+
+    import torch
+
+    confident = copy.deepcopy(model)
+    decoder = confident.sam_mask_decoder
+    with torch.no_grad():
+        for mlp in decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(5000)
+            mlp.layers[-1].bias.mul_(5000)
+        iou_out = decoder.iou_prediction_head.layers[-1]
+        iou_out.weight.zero_()
+        iou_out.bias.fill_(4.0)
+    return confident
+
+
+REGIME_MODEL = {"defaults": "confident"}
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +79,7 @@ _upstream_cache: dict[str, list[dict[str, Any]]] = {}
 def upstream(model: Any, image: np.ndarray, regime: str) -> list[dict[str, Any]]:
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
-    if regime not in _upstream_cache:
+    if regime not in _upstream_cache:  # one model per regime (REGIME_MODEL)
         gen = SAM2AutomaticMaskGenerator(model, points_per_side=POINTS, **REGIMES[regime])
         _upstream_cache[regime] = gen.generate(image)
     return _upstream_cache[regime]
@@ -82,12 +109,15 @@ def check_record(rec: dict[str, Any], hw: tuple[int, int]) -> None:
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
-def test_agrees_with_upstream(model: Any, image: np.ndarray, regime: str) -> None:
+def test_agrees_with_upstream(request: pytest.FixtureRequest, image: np.ndarray, regime: str) -> None:
+    model = request.getfixturevalue(REGIME_MODEL.get(regime, "model"))
     ref = upstream(model, image, regime)
     out = FastMaskGenerator(model, points_per_side=POINTS, **REGIMES[regime]).generate(image)  # type: ignore[arg-type]
     assert len(out) == len(ref)
     if regime == "filters_off":
         assert len(out) == POINTS * POINTS * 3
+    else:  # the filters kept some masks and dropped some: both sides of the comparison are exercised
+        assert 0 < len(ref) < POINTS * POINTS * 3, len(ref)
     for rec in out:
         check_record(rec, image.shape[:2])
     if ref:

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from samseg.core.contracts import JobState
-from tests.faults_support import count_events, leftovers, stack_stores, wait_until
+from tests.faults_support import count_events, events, leftovers, stack_stores, wait_until
 from tests.support import REPO, Recorded, Route, TcpProxy
 
 JOBS = 30
@@ -132,12 +132,35 @@ def test_burst_of_30_jobs_survives_kills_an_sqs_outage_and_a_503_app_server(
                     return uuid
             return None
 
+        def running_segments(proc: Any) -> set[str]:
+            """Jobs whose segment task `proc` started (took the stage's lease) and has not finished (neither
+            segmented nor handed back after an outage)."""
+            log = events(proc)
+            held = {
+                e.get("job_uuid")
+                for e in log
+                if e.get("event") == "lifecycle_stage_held" and e.get("stage") == "segment"
+            }
+            ended = {
+                e.get("job_uuid")
+                for e in log
+                if e.get("event")
+                in ("image_segmented", "stage_retry_after_outage", "stage_left_for_redelivery", "task_soft_time_limit")
+            }
+            return {str(u) for u in held - ended if u}
+
+        interrupted: dict[int, set[str]] = {}
+
         def kill_and_restart(n: int) -> None:
-            wait_until(segmenting, 240, f"a job in segment before kill {n}", interval=0.2)
-            time.sleep(0.5)
             victim = gpu[-1]
+            wait_until(lambda: running_segments(victim), 240, f"a segment task running before kill {n}", interval=0.2)
+            time.sleep(0.5)
+            running = running_segments(victim)
             victim.kill(signal.SIGKILL)
             victim.popen.wait(10)
+            # Its whole log is in now: what it had started and never finished was cut off by the kill.
+            interrupted[n] = running & running_segments(victim)
+            assert interrupted[n], f"kill {n} interrupted no segment task: running was {running}"
             gpu.append(stack.start_worker(*gpu_args, name=f"worker-gpu-0-restart{n}", env=gpu_env))
 
         # 1. First SIGKILL, as soon as a job is being segmented.
@@ -197,6 +220,11 @@ def test_burst_of_30_jobs_survives_kills_an_sqs_outage_and_a_503_app_server(
     assert leftovers(stack.assets) == {"work": []}
     assert flaky.refused > 0, "the 503 window saw no callback: no test"
     assert sum(count_events(p, "image_segmented") for p in gpu) >= JOBS
+    # Every kill cut a segment task off mid-run, and that job was segmented again afterwards by a later worker.
+    assert sorted(interrupted) == list(range(1, kills + 1)), interrupted
+    for n, cut in interrupted.items():
+        later = gpu[n:]
+        assert all(sum(count_events(p, "image_segmented", u) for p in later) >= 1 for u in cut), (n, cut)
 
     report = {
         "jobs": JOBS,

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.faults_support import wait_drained
 from tests.support import REPO, LoopbackServer, Recorded, Route, free_port
 from tests.system.test_faults_input import (
     Deployment,
@@ -121,7 +122,11 @@ def final_status(dep: Deployment, app: LoopbackServer, uuid: str) -> dict[str, A
     """The job's status once its callback outbox closed (first attempt seen, then the outbox delivered or given
     up): no attempt can follow a closed outbox, so counting attempts afterwards needs no waiting."""
     wait_callback(app, uuid, JOB_TIMEOUT)
-    return wait_status(dep.api, uuid, timeout=60)
+    job = wait_status(dep.api, uuid, timeout=60)
+    # And no copy of any stage (a redelivery) is left to run; the deployment's jobs all run at once, so this
+    # waits for the last of them.
+    wait_drained(dep.stack, timeout=JOB_TIMEOUT)
+    return job
 
 
 def assert_masks_served(dep: Deployment, uuid: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,11 +29,11 @@ import httpx
 import pytest
 
 from samseg.core.contracts import JobState
+from samseg.stores.lifecycle import Lifecycle
 from samseg.stores.purge import purge_expired
 from tests.faults_support import (
     CALLBACK_PREFIX,
     FaultProxy,
-    callbacks,
     check_job_folder,
     children,
     count_events,
@@ -40,8 +41,10 @@ from tests.faults_support import (
     events,
     is_callback,
     leftovers,
+    queue_depths,
     session_cpu_seconds,
     session_pids,
+    settled_callbacks,
     stack_stores,
     task_received,
     tree_snapshot,
@@ -82,11 +85,11 @@ def _wait_stage(api: str, uuid: str, stage: str, timeout: float) -> dict[str, An
     return wait_until(at_stage, timeout, f"stage {stage} of {uuid}", interval=0.05)  # type: ignore[no-any-return]
 
 
-def _exactly_one_callback(app_server: Any, uuid: str, timeout: float, settle: float = 5) -> dict[str, Any]:
-    """Wait for the job's callback, then a while longer: no second one may follow."""
+def _exactly_one_callback(stack: Any, app_server: Any, uuid: str, timeout: float) -> dict[str, Any]:
+    """Wait for the job's callback, then until nothing can send another (its outbox closed, the queues drained:
+    a redelivered copy would show as a message in flight until it ran): exactly one was sent."""
     app_server.wait_for(is_callback(uuid), timeout=timeout)
-    time.sleep(settle)
-    sent = callbacks(app_server, uuid)
+    sent = settled_callbacks(stack, app_server, uuid, timeout=VISIBILITY * 3 + 60)
     assert len(sent) == 1, [r.json() for r in sent]
     return sent[0].json()  # type: ignore[no-any-return]
 
@@ -151,7 +154,7 @@ def test_worker_sigkilled_during_segment_job_completes_once_on_another_worker(ma
     watcher.start()
     try:
         worker_b = stack.start_worker("-c", "1", name="worker-b")
-        body = _exactly_one_callback(app_server, uuid, timeout=VISIBILITY + 120, settle=3)
+        body = _exactly_one_callback(stack, app_server, uuid, timeout=VISIBILITY + 120)
     finally:
         stop.set()
         watcher.join(5)
@@ -192,7 +195,7 @@ def test_duplicate_messages_run_once_resent_completed_job_is_a_noop_resent_faile
 
     (failed,) = app_server.wait_for(is_callback("retry-1"), timeout=120)
     assert failed.json()["status"] == "failed" and failed.json()["error"]["code"] == "image_not_found"
-    body = _exactly_one_callback(app_server, "dup-1", timeout=120, settle=3)
+    body = _exactly_one_callback(stack, app_server, "dup-1", timeout=120)
     assert body["status"] == "completed"
     assert count_events(worker, "job_accepted", "dup-1") == 1
     ignored = [e for e in events(worker) if e.get("event") == "job_duplicate_ignored" and e.get("job_uuid") == "dup-1"]
@@ -215,9 +218,8 @@ def test_duplicate_messages_run_once_resent_completed_job_is_a_noop_resent_faile
     assert _status(api, "retry-1")["status"] == "completed"  # type: ignore[index]
 
     wait_until(lambda: count_events(worker, "job_duplicate_ignored", "dup-1") == 2, 30, "second duplicate")
-    time.sleep(3)
-    assert len(callbacks(app_server, "dup-1")) == 1
-    assert len(callbacks(app_server, "retry-1")) == 2
+    assert len(settled_callbacks(stack, app_server, "retry-1", timeout=150)) == 2
+    assert len(settled_callbacks(stack, app_server, "dup-1", timeout=150)) == 1
     assert count_events(worker, "job_accepted", "dup-1") == 1
     assert task_received(worker, "dup-1", "download") == 1
     assert tree_snapshot(stack.assets / "dup-1") == before
@@ -268,7 +270,7 @@ def test_segment_running_past_the_visibility_timeout_is_not_redelivered(make_sta
         for pid in pool:
             os.kill(pid, signal.SIGCONT)
 
-    body = _exactly_one_callback(app_server, uuid, timeout=120, settle=3)
+    body = _exactly_one_callback(stack, app_server, uuid, timeout=120)
     assert body["status"] == "completed"
     assert task_received(worker, uuid, "segment") == 1
     assert count_events(worker, "image_segmented", uuid) == 1
@@ -341,7 +343,7 @@ def test_sqs_outage_worker_survives_idles_and_reconnects(make_stack, moto_url, h
         proxy.restore()
 
         stack.send_raw(json.dumps({"uuid": "out-1", "image_url": _image(http_server)}))
-        body = _exactly_one_callback(app_server, "out-1", timeout=180)
+        body = _exactly_one_callback(stack, app_server, "out-1", timeout=180)
         assert body["status"] == "completed"
         assert check_job_folder(stack.assets, "out-1", body) == []
         assert worker.popen.poll() is None
@@ -408,7 +410,7 @@ def test_purge_running_throughout_a_job_never_touches_its_unfinished_work(make_s
     looper.start()
     try:
         httpx.post(f"{api}/jobs", json={"uuid": uuid, "image_url": _image(http_server)}, headers=AUTH, timeout=30)
-        body = _exactly_one_callback(app_server, uuid, timeout=120, settle=0)
+        body = _exactly_one_callback(stack, app_server, uuid, timeout=120)
         wait_until(lambda: at_callback, 10, "the check made inside the callback handler")
     finally:
         stop.set()
@@ -456,7 +458,7 @@ def test_disk_full_while_writing_masks_fails_cleanly_and_worker_keeps_serving(ma
         image = _image(http_server)
 
         stack.send_raw(json.dumps({"uuid": uuid, "image_url": image}))
-        body = _exactly_one_callback(app_server, uuid, timeout=120, settle=2)
+        body = _exactly_one_callback(stack, app_server, uuid, timeout=120)
         assert body["status"] == "failed" and body["error"]["code"] == "disk_full", body
         assert body["segments"] == []
         status = _status(api, uuid)
@@ -467,7 +469,7 @@ def test_disk_full_while_writing_masks_fails_cleanly_and_worker_keeps_serving(ma
         subprocess.run(["umount", str(folder)], check=True)
         mounted = False
         stack.send_raw(json.dumps({"uuid": "full-2", "image_url": image}))
-        body = _exactly_one_callback(app_server, "full-2", timeout=120, settle=0)
+        body = _exactly_one_callback(stack, app_server, "full-2", timeout=120)
         assert body["status"] == "completed", body
         assert check_job_folder(stack.assets, "full-2", body) == []
         assert worker.popen.poll() is None
@@ -515,9 +517,8 @@ def test_notify_redelivered_after_its_callback_was_delivered_sends_nothing(make_
     app_server.routes.pop(CALLBACK_PREFIX + uuid)
     worker_b = stack.start_worker("-c", "1", name="worker-b")
     wait_until(lambda: count_events(worker_b, "callback_already_delivered", uuid), 60, "the redelivered notify")
-    time.sleep(2)
+    assert len(settled_callbacks(stack, app_server, uuid, timeout=150)) == 1
     assert task_received(worker_b, uuid, "notify") == 1
-    assert len(callbacks(app_server, uuid)) == 1
     status = _status(api, uuid)
     assert status and status["status"] == "completed" and status["callback"]["delivered"] is True, status
 
@@ -535,11 +536,15 @@ def _gpu_depth(stack: Any) -> int:
 
 
 def test_purge_keeps_the_state_of_a_job_waiting_in_a_gpu_backlog(make_stack, http_server, app_server):
-    """Fault: the GPU tier is backlogged — no GPU worker consumes while the scheduled purge runs
-    TTL + visibility timeout after the job was downloaded (default 1 h + 1 h). The purge is samseg's own
-    purge_expired on the stack's stores, run with its `now` moved forward by that much; then a duplicate
-    message of the job arrives, then a GPU worker comes up. Outcome expected: the waiting run's downloaded
-    image and its record survive, the duplicate is ignored, and the job completes with one callback."""
+    """Fault: the GPU tier is backlogged — no GPU worker consumes while time passes. samseg's own clock-driven
+    decisions are run on the stack's stores with their clock moved forward (the test cannot wait hours):
+    (1) just inside the longest wait samseg allows a run (SAMSEG_STALE_RUN_SECONDS after its download), the
+    sweeper and a duplicate's claim; (2) past every grace the purge has (the asset TTL + visibility timeout,
+    and the orphan sweep's SAMSEG_STALE_RUN_SECONDS file-age grace), the purge — so that only its liveness
+    check (the record names this run and it is not finished) stands between the waiting run and its files.
+    Then a real duplicate message arrives, then a GPU worker comes up. Outcome expected: the sweeper leaves
+    the run alone, the duplicate is ignored (both at the moved clock and for real), the run's downloaded image
+    and its record survive the purge, and the job completes with one callback."""
     ttl = 3600
     stack = make_stack(
         SAMSEG_APP_SERVER_URL=app_server.url,
@@ -553,11 +558,21 @@ def test_purge_keeps_the_state_of_a_job_waiting_in_a_gpu_backlog(make_stack, htt
     stack.send_raw(raw)
     wait_until(lambda: _gpu_depth(stack) == 1, 60, "the segment message waiting on the gpu queue")
     settings, stores = stack_stores(stack.env)
-    run_id = stores.jobs.get(uuid).run_id
+    record = stores.jobs.get(uuid)
+    run_id, downloaded_at = record.run_id, record.updated_at
     work = stack.assets / ".samseg" / "work" / uuid / run_id
     assert (work / "source").is_file()
 
-    later = time.time() + ttl + VISIBILITY + 1
+    # (1) The longest backlog samseg allows: the sweeper must not touch the run, a duplicate must not replace it.
+    within = downloaded_at + settings.stale_run_seconds - 1
+    swept = Lifecycle(stores.jobs, settings, clock=lambda: within).sweep()
+    claim = stores.jobs.claim(uuid, "duplicate-message-id", now=within, payload={"uuid": uuid})
+    at_limit = {"swept": [a.uuid for a in swept], "claim": claim.decision.value, "run": stores.jobs.get(uuid).run_id}
+    assert at_limit == {"swept": [], "claim": "duplicate", "run": run_id}, at_limit
+
+    # (2) Past every grace of the purge: expired assets and orphaned work are both due by age.
+    later = downloaded_at + max(ttl + VISIBILITY, settings.stale_run_seconds) + 60
+    assert later - (work / "source").stat().st_mtime > settings.stale_run_seconds  # the file-age grace is over
     purge_expired(stores, settings, now=later)  # what samseg.purge does then, on the stack's own stores
     kept = {"work": (work / "source").is_file(), "record": stores.jobs.get(uuid).run_id == run_id}
 
@@ -574,7 +589,7 @@ def test_purge_keeps_the_state_of_a_job_waiting_in_a_gpu_backlog(make_stack, htt
     assert kept == {"work": True, "record": True} and duplicate == {"accepted": 1, "ignored": 1}, (kept, duplicate)
 
     stack.start_worker("-Q", stack.env["SAMSEG_QUEUE_PREFIX"] + "gpu", "-c", "1", name="gpu")
-    body = _exactly_one_callback(app_server, uuid, timeout=120)
+    body = _exactly_one_callback(stack, app_server, uuid, timeout=120)
     assert body["status"] == "completed", body
 
 
@@ -591,7 +606,7 @@ def test_segment_time_limit_of_35s_lets_a_15s_segment_finish(make_stack, http_se
     worker = stack.start_worker("-c", "1")
     assert "visibility_timeout_too_short" not in worker.output()
     stack.send_raw(json.dumps({"uuid": "limit-1", "image_url": _image(http_server)}))
-    body = _exactly_one_callback(app_server, "limit-1", timeout=120, settle=0)
+    body = _exactly_one_callback(stack, app_server, "limit-1", timeout=120)
     assert body["status"] == "completed", body
 
 
@@ -605,3 +620,86 @@ def test_visibility_warning_is_a_json_log_line(make_stack):
     worker = stack.start_worker("-Q", stack.env["SAMSEG_QUEUE_PREFIX"] + "io", "-c", "1")
     assert "visibility_timeout_too_short" in worker.output()
     assert count_events(worker, "visibility_timeout_too_short") >= 1
+
+
+FAULTS_DIR = REPO / "tests" / "faults"
+
+
+def test_segment_past_its_time_limit_in_a_prefork_worker_fails_once_with_timeout(make_stack, http_server, app_server):
+    """Fault: a segment stage that stays in the model past SAMSEG_SEGMENT_TIME_LIMIT_SECONDS — injected inside
+    the prefork pool child (tests/faults/sitecustomize.py, SAMSEG_TEST_FAULT=slow_prompt: every prompt batch
+    sleeps 120 s), with a 30 s limit (soft limit 24 s) and a 40 s visibility timeout. Outcome expected: Celery's
+    soft time limit interrupts the task inside the model, the run fails with `timeout` (not `model_error`,
+    not `internal_error`), and exactly one `failed` callback goes out; the worker lives on."""
+    stack = make_stack(
+        SAMSEG_APP_SERVER_URL=app_server.url,
+        SAMSEG_VISIBILITY_TIMEOUT_SECONDS="40",
+        SAMSEG_SEGMENT_TIME_LIMIT_SECONDS="30",
+        **LAZY,
+    )
+    fault = {"SAMSEG_TEST_FAULT": "slow_prompt:120", "PYTHONPATH": f"{FAULTS_DIR}:{REPO}"}
+    worker = stack.start_worker("-c", "1", env=fault)  # prefork: the pool child runs the task
+    uuid = "limit-past-1"
+    started = time.monotonic()
+    stack.send_raw(json.dumps({"uuid": uuid, "image_url": _image(http_server)}))
+    wait_until(lambda: "samseg_test_fault_injected slow_prompt" in worker.output(), 120, "the slowed prompt batch")
+    body = _exactly_one_callback(stack, app_server, uuid, timeout=120)
+    took = time.monotonic() - started
+    assert body["status"] == "failed" and body["error"]["code"] == "timeout", body
+    assert "time limit" in body["error"]["message"], body
+    assert count_events(worker, "image_segmented", uuid) == 0
+    assert took < 120, took  # the limit cut the 120 s sleep short
+    assert worker.popen.poll() is None  # the worker survived its task's time limit
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="samseg loses the chain after the pool child's SIGKILL (seen twice, 2026-12-05): WorkerLostError, the "
+    "segment is redelivered, held again once the lease ran out and succeeds in the replacement child (record "
+    "handed off, payload with mask_count), but the persist message never reaches SQS (jobs/io/gpu all 0), so no "
+    "callback until the sweeper republishes at SAMSEG_STALE_RUN_SECONDS (4 h). The replacement child logs "
+    "'Exception ignored in _after_fork ... TypeError: Event object is not callable': "
+    "samseg.queue.visibility.VisibilityKeeper (a Thread started before the fork) shadows Thread._stop with an "
+    "Event, so threading's after-fork cleanup aborts in every replacement child. Remove this mark once fixed "
+    "(strict: an unexpected pass fails).",
+)
+def test_oom_killed_pool_child_mid_segment_is_redelivered_and_completes_once(make_stack, http_server, app_server):
+    """Fault: the kernel's OOM killer — SIGKILL of the prefork pool child alone (not the process group) while it
+    is inside the model (tests/faults/sitecustomize.py, slow_prompt: each prompt batch first sleeps 4 s and
+    logs its pid, which is the child to kill). The worker's main process lives and sees WorkerLostError;
+    with task_acks_late + task_reject_on_worker_lost, Celery rejects the message back to SQS instead of
+    failing the job. Outcome expected (what samseg does): the segment task is received again, runs in a
+    fresh pool child once the dead child's stage lease (SAMSEG_STAGE_LEASE_SECONDS=20) has run out, and the
+    job ends `completed` with exactly one callback; the main process never died."""
+    stack = make_stack(
+        SAMSEG_APP_SERVER_URL=app_server.url,
+        SAMSEG_VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY),
+        SAMSEG_STAGE_LEASE_SECONDS="20",
+        **LAZY,
+    )
+    fault = {"SAMSEG_TEST_FAULT": "slow_prompt:4", "PYTHONPATH": f"{FAULTS_DIR}:{REPO}"}
+    worker = stack.start_worker("-c", "1", env=fault)
+    main_pid = worker.popen.pid
+    uuid = "oom-killed-1"
+    stack.send_raw(json.dumps({"uuid": uuid, "image_url": _image(http_server)}))
+    marker = "samseg_test_fault_injected slow_prompt"
+    line = wait_until(
+        lambda: next((x for x in worker.output().splitlines() if marker in x), None), 120, "the segment in the model"
+    )
+    child = int(re.search(r"pid=(\d+)", line[line.index(marker) :]).group(1))  # type: ignore[union-attr]
+    assert child != main_pid and child in children(main_pid), (child, main_pid)
+    assert task_received(worker, uuid, "segment") == 1 and count_events(worker, "image_segmented", uuid) == 0
+    os.kill(child, signal.SIGKILL)  # the child only, as the OOM killer picks the biggest process
+
+    try:
+        body = _exactly_one_callback(stack, app_server, uuid, timeout=240)
+    except TimeoutError as exc:
+        _, stores = stack_stores(stack.env)
+        raise AssertionError(f"{exc}; queues {queue_depths(stack)}; record {stores.jobs.get(uuid)}") from exc
+    assert body["status"] == "completed" and body["segments"], body
+    assert "WorkerLostError" in worker.output()  # the main process saw its child die ...
+    assert worker.popen.poll() is None and main_pid in session_pids(main_pid)  # ... and lived on
+    assert task_received(worker, uuid, "segment") >= 2  # the rejected message came back
+    assert count_events(worker, "image_segmented", uuid) == 1  # and ran to the end once
+    assert child not in children(main_pid)
+    assert check_job_folder(stack.assets, uuid, body) == []

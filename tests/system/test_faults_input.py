@@ -39,6 +39,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Stack, new_stack
+from tests.faults_support import settled_callbacks, wait_drained
 from tests.support import AUTH, LoopbackServer, Proc, Route, free_port, scene_png
 
 pytestmark = pytest.mark.slow
@@ -481,8 +482,9 @@ def test_bad_ingress_bodies_are_dead_lettered_and_the_consumer_keeps_serving(mai
     # A malformed message reusing a completed job's uuid is dead-lettered without touching that job.
     clash = send_json(main, {"uuid": "ok-extra", "image_url": 123})
     dlq.wait_for([clash], timeout=30)
-    time.sleep(1.0)  # a wrongly queued `failed` callback would go out within this
-    assert len(patches(app, "ok-extra")) == 1
+    # Until nothing can send another callback: a wrongly published chain or `failed` callback would be a
+    # message on the jobs/io/gpu queues until it ran, or would reopen the job's outbox.
+    assert len(settled_callbacks(main.stack, app, "ok-extra", timeout=120)) == 1
     assert wait_status(main.api, "ok-extra")["status"] == "completed"
 
     # Exactly one callback per uuid-bearing body, none for the rest; nothing went round twice.
@@ -617,7 +619,7 @@ def test_unsafe_uuids_are_dead_lettered_without_callback_or_files(main, images, 
         (attrs,) = dlq.copies(body)
         assert attrs["samseg_error"].startswith("invalid job: uuid"), attrs
     wait_queue_empty(main.stack, main.stack.jobs_queue, timeout=30)
-    time.sleep(1.0)  # a wrongly published chain would have downloaded by now
+    wait_drained(main.stack, timeout=120)  # a wrongly published chain would be on the io/gpu queues until it ran
     assert [r.path for r in app.requests[before:]] == []
 
     new = _tree(root) - tree_before
@@ -742,8 +744,7 @@ def test_image_fault_gives_failed_callback_with_its_code(case, main, image_jobs,
     assert body["error"]["code"] == code, body["error"]
     job = wait_status(main.api, uuid)
     assert job["status"] == "failed" and job["error"]["code"] == code
-    time.sleep(0.2)
-    assert len(patches(app, uuid)) == 1
+    assert len(settled_callbacks(main.stack, app, uuid, timeout=SEGMENT_JOB_TIMEOUT)) == 1
     assert not (main.assets / uuid).exists()
     assert not (main.assets / ".samseg" / "work" / uuid).exists()
 

@@ -24,7 +24,14 @@ from typing import Any
 
 import httpx
 
-from tests.faults_support import callbacks, count_events, events, is_callback, task_received, wait_until
+from tests.faults_support import (
+    count_events,
+    events,
+    is_callback,
+    settled_callbacks,
+    task_received,
+    wait_until,
+)
 from tests.support import AUTH, VENV_BIN, TcpProxy
 
 LAZY = {"SAMSEG_PRELOAD_MODEL": "false", "SAMSEG_AMG_POINTS_PER_SIDE": "2"}
@@ -58,7 +65,8 @@ def test_ingress_keeps_a_job_it_cannot_record_and_runs_it_once_the_store_is_back
         assert retry["retry_in_seconds"] >= 15  # handed back with a delay, not spun on
         dynamo.restore()
         app_server.wait_for(is_callback(uuid), timeout=180)
-    (body,) = [r.json() for r in callbacks(app_server, uuid)]
+        sent = settled_callbacks(stack, app_server, uuid, timeout=150)  # the job store is behind the proxy
+    (body,) = [r.json() for r in sent]
     assert body["status"] == "completed"
     dlq = stack.sqs().get_queue_url(QueueName=f"{stack.jobs_queue}-dlq")["QueueUrl"]
     attrs = stack.sqs().get_queue_attributes(QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"])
@@ -78,7 +86,8 @@ def test_job_store_outage_mid_chain_is_retried_and_the_job_completes_once(make_s
         time.sleep(5)  # the outage lasts a while; the retry is scheduled with a delay
         dynamo.restore()
         app_server.wait_for(is_callback(uuid), timeout=240)
-    (body,) = [r.json() for r in callbacks(app_server, uuid)]
+        sent = settled_callbacks(stack, app_server, uuid, timeout=150)  # the job store is behind the proxy
+    (body,) = [r.json() for r in sent]
     assert body["status"] == "completed" and body["segments"], body
     assert count_events(worker, "job_failed", uuid) == 0
 
@@ -115,7 +124,7 @@ def test_a_task_that_kills_its_worker_every_time_ends_failed_with_worker_lost(ma
     wait_until(in_dlq, 90, "the segment message dead-lettered")
     stack.start("beat", str(VENV_BIN / "celery"), "-A", "samseg", "beat", "--loglevel", "INFO")
     app_server.wait_for(is_callback(uuid), timeout=150)
-    (body,) = [r.json() for r in callbacks(app_server, uuid)]
+    (body,) = [r.json() for r in settled_callbacks(stack, app_server, uuid, timeout=150)]
     assert body["status"] == "failed" and body["error"]["code"] == "worker_lost", body
     wait_until(
         lambda: (
@@ -155,7 +164,7 @@ def test_sigterm_during_segment_finishes_the_job_and_releases_prefetched_message
     stack.start_worker("-Q", f"{prefix}gpu", "--pool", "solo", name="gpu-b")
     for uuid in uuids:
         app_server.wait_for(is_callback(uuid), timeout=240)
-    assert all(len(callbacks(app_server, u)) == 1 for u in uuids)
+    assert all(len(settled_callbacks(stack, app_server, u, timeout=150)) == 1 for u in uuids)
 
 
 def test_no_app_server_configured_warns_at_start_and_the_status_says_why(make_stack, images):

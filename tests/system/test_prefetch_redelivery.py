@@ -21,7 +21,16 @@ import pytest
 import yaml
 
 from samseg.cli.stack import up_worker_commands
-from tests.faults_support import callbacks, children, count_events, events, is_callback, task_received, wait_until
+from tests.faults_support import (
+    callbacks,
+    children,
+    count_events,
+    events,
+    is_callback,
+    settled_callbacks,
+    task_received,
+    wait_until,
+)
 from tests.support import REPO, VENV_BIN, Route, scene_png
 
 VISIBILITY = 30  # the smallest Settings accepts: the bound under test, kept short so the test is too
@@ -141,9 +150,8 @@ def test_killed_segment_worker_loses_no_prefetched_message_and_none_waits_past_t
     assert set(received_after) == held and max(received_after.values()) <= bound, (received_after, bound)
     for uuid in uuids:
         app_server.wait_for(is_callback(uuid), timeout=180)
-    time.sleep(2)
     for uuid in uuids:
-        sent = callbacks(app_server, uuid)
+        sent = settled_callbacks(stack, app_server, uuid, timeout=150)
         assert len(sent) == 1 and sent[0].json()["status"] == "completed", [r.json() for r in sent]
         assert count_events(worker_a, "image_segmented", uuid) + count_events(worker_b, "image_segmented", uuid) == 1
     for uuid in held:
@@ -177,7 +185,7 @@ def test_a_backlog_drains_without_holding_more_than_the_prefetch_limit(
         time.sleep(0.1)
     assert most_held == 2 and most_in_flight <= 2, (most_held, most_in_flight)
     for uuid in uuids:
-        assert [r.json()["status"] for r in callbacks(app_server, uuid)] == ["completed"]
+        assert [r.json()["status"] for r in settled_callbacks(stack, app_server, uuid, timeout=150)] == ["completed"]
         assert task_received(worker, uuid, "segment") == 1
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.faults_support import callbacks, count_events, is_callback, task_received, wait_until
+from tests.faults_support import count_events, is_callback, settled_callbacks, task_received, wait_until
 from tests.support import AUTH, Route, scene_png
 
 VISIBILITY = 30
@@ -191,7 +191,7 @@ def test_worker_sigkilled_during_segment_completes_once_with_s3_and_dynamodb(
     )
     app_server.wait_for(is_callback(uuid), timeout=VISIBILITY + 150)
     wait_until(lambda: task_received(replacement, uuid, "segment") == 1, 10, "the redelivered segment")
-    sent = callbacks(app_server, uuid)
+    sent = settled_callbacks(stack, app_server, uuid, timeout=150)
     assert len(sent) == 1
     body = sent[0].json()
     assert body["status"] == "completed" and body["segments"]

@@ -10,7 +10,7 @@ import os
 import signal
 import time
 
-from tests.faults_support import callbacks, count_events, is_callback, task_received, wait_until
+from tests.faults_support import count_events, is_callback, settled_callbacks, task_received, wait_until
 
 SOFT_SECONDS = 4
 # The deadline never releases before SQS's long poll (wait_time_seconds, 10 s) in flight at SIGTERM has ended:
@@ -52,5 +52,5 @@ def test_sigterm_during_a_long_segment_stops_within_the_bound_and_the_job_comple
     app_server.wait_for(is_callback(uuid), timeout=240)
     io = stack.procs[0]
     wait_until(lambda: count_events(io, "job_finished", uuid), 30, "the notify stage logged its end")
-    assert len(callbacks(app_server, uuid)) == 1
+    assert len(settled_callbacks(stack, app_server, uuid, timeout=150)) == 1
     assert count_events(io, "job_finished", uuid) == 1
