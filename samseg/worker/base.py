@@ -115,9 +115,10 @@ class StageTask(Task):  # type: ignore[misc]
             lease = HeldLease(job["uuid"], job["run_id"], outcome.token)
             self.leases.hold(self.request.id, lease)
             return lease
-        self.request.chain = None  # Celery publishes the next link from this after the task returns
         if isinstance(outcome, Busy):
+            # The retry carries the chain on (request.chain): this copy may be the one that finishes the stage.
             raise self.retry(countdown=min(60.0, outcome.retry_in + 1), max_retries=None)
+        self.request.chain = None  # Gone: Celery would publish the next link from this after the task returns
         raise Ignore()
 
     def hand_off(self, lease: HeldLease, next_payload: dict[str, Any]) -> dict[str, Any]:

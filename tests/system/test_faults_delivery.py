@@ -652,17 +652,6 @@ def test_segment_past_its_time_limit_in_a_prefork_worker_fails_once_with_timeout
     assert worker.popen.poll() is None  # the worker survived its task's time limit
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="samseg loses the chain after the pool child's SIGKILL (seen twice, 2026-12-05): WorkerLostError, the "
-    "segment is redelivered, held again once the lease ran out and succeeds in the replacement child (record "
-    "handed off, payload with mask_count), but the persist message never reaches SQS (jobs/io/gpu all 0), so no "
-    "callback until the sweeper republishes at SAMSEG_STALE_RUN_SECONDS (4 h). The replacement child logs "
-    "'Exception ignored in _after_fork ... TypeError: Event object is not callable': "
-    "samseg.queue.visibility.VisibilityKeeper (a Thread started before the fork) shadows Thread._stop with an "
-    "Event, so threading's after-fork cleanup aborts in every replacement child. Remove this mark once fixed "
-    "(strict: an unexpected pass fails).",
-)
 def test_oom_killed_pool_child_mid_segment_is_redelivered_and_completes_once(make_stack, http_server, app_server):
     """Fault: the kernel's OOM killer — SIGKILL of the prefork pool child alone (not the process group) while it
     is inside the model (tests/faults/sitecustomize.py, slow_prompt: each prompt batch first sleeps 4 s and
