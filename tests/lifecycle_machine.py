@@ -33,6 +33,7 @@ from samseg.stores.lifecycle import (
     STAGE_ORDER,
     AttemptResult,
     Busy,
+    Forward,
     Gone,
     Hold,
     Lifecycle,
@@ -181,6 +182,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.world.holders.append(Copy(message.uuid, message.run_id, message.stage, message.payload, outcome.token))
         elif isinstance(outcome, Busy):
             self.world.messages.append(message)  # handed back, looks again later
+        elif isinstance(outcome, Forward):
+            self.world.messages.append(Copy(message.uuid, message.run_id, outcome.stage, outcome.payload))
         else:
             assert isinstance(outcome, Gone)
 
@@ -331,6 +334,9 @@ class LifecycleMachine(RuleBasedStateMachine):
             outcome = self.lifecycle.start_stage(message.uuid, message.run_id, message.stage, message.payload)
             if isinstance(outcome, Busy):
                 self.world.messages.append(message)
+                continue
+            if isinstance(outcome, Forward):
+                self.world.messages.append(Copy(message.uuid, message.run_id, outcome.stage, outcome.payload))
                 continue
             if not isinstance(outcome, Hold):
                 continue

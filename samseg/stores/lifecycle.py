@@ -88,7 +88,17 @@ class Gone:
     reason: str
 
 
-StageStart = Hold | Busy | Gone
+@dataclass(frozen=True)
+class Forward:
+    """This stage already finished and handed the run on, but the next stage has not started: its message may
+    have been lost (the holder died, or SQS was down, between the hand-off and the publish — which is why this
+    copy came back unacknowledged). Publish the next stage with `payload`; a duplicate is stopped by its lease."""
+
+    stage: Stage
+    payload: dict[str, Any]
+
+
+StageStart = Hold | Busy | Gone | Forward
 
 
 # --- callback attempts ------------------------------------------------------------------------------------------
@@ -171,6 +181,9 @@ class Lifecycle:
                 return Gone(f"run already at {r.stage.value if r.stage else r.status.value}"), None
             if new_rank == here:
                 if r.handed_off:
+                    nxt = STAGE_ORDER.index(stage) + 1
+                    if nxt < len(STAGE_ORDER) and r.payload is not None:
+                        return Forward(STAGE_ORDER[nxt], r.payload), None
                     return Gone(f"{stage.value} already finished"), None
                 if r.lease_token is not None and r.lease_until > now:
                     return Busy(retry_in=r.lease_until - now), None
@@ -196,7 +209,7 @@ class Lifecycle:
             log.info("lifecycle_stage_held", job_uuid=uuid, run_id=run_id, stage=stage.value, lease=outcome.token)
         else:
             log.info("lifecycle_stage_refused", job_uuid=uuid, run_id=run_id, stage=stage.value, outcome=repr(outcome))
-        assert isinstance(outcome, Hold | Busy | Gone)
+        assert isinstance(outcome, Hold | Busy | Gone | Forward)
         return outcome
 
     def renew(self, uuid: str, run_id: str, token: str) -> bool:

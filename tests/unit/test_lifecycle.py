@@ -14,7 +14,7 @@ import pytest
 
 from samseg.core.contracts import ErrorInfo, JobState, OutboxState, Stage
 from samseg.stores.jobs import PUBLISH_LEASE_SECONDS, Decision, JobStore
-from samseg.stores.lifecycle import AttemptResult, Busy, Gone, Hold, Lifecycle, SweepKind
+from samseg.stores.lifecycle import AttemptResult, Busy, Forward, Gone, Hold, Lifecycle, SweepKind
 from samseg.stores.sql_jobs import SqlJobs
 from tests.lifecycle_machine import GRACE, LEASE, STALE, make_settings
 
@@ -65,7 +65,12 @@ def test_a_second_copy_of_a_running_stage_is_busy_and_can_neither_fail_nor_hand_
     # A copy without the token (the old `fail_run` from any rank) cannot end the run.
     assert not life.fail("job", run, ERROR, token="not-the-holder")
     assert life.hand_off("job", run, first.token, {"uuid": "job", "run_id": run})
-    # The duplicate, delivered again after the stage finished, ends quietly.
+    # The duplicate, delivered again after the stage finished but before the next one started, republishes the
+    # next stage (its message may be lost: the holder died between the hand-off and the publish)…
+    forward = life.start_stage("job", run, Stage.DOWNLOAD, {})
+    assert isinstance(forward, Forward) and forward.stage is Stage.SEGMENT and forward.payload["run_id"] == run
+    # …and once the next stage started, ends quietly.
+    assert isinstance(life.start_stage("job", run, Stage.SEGMENT, {"uuid": "job", "run_id": run}), Hold)
     assert isinstance(life.start_stage("job", run, Stage.DOWNLOAD, {}), Gone)
 
 
