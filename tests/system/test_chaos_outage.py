@@ -222,7 +222,16 @@ def test_long_aws_outage_kills_and_503_on_several_hosts(
 
         # Wait (bounded) for every job's callback, every queue drained and every outbox delivered.
         remaining = lambda: DEADLINE - (time.monotonic() - started)  # noqa: E731
-        wait_until(lambda: all(flaky.accepted.get(u) for u in uuids), remaining(), "a callback for every job", 2)
+        try:
+            wait_until(lambda: all(flaky.accepted.get(u) for u in uuids), remaining(), "a callback for every job", 2)
+        except TimeoutError:
+            stuck = {}
+            for u in uuids:
+                if not flaky.accepted.get(u) and (r := stores.jobs.get(u)) is not None:
+                    due = None if r.sweep_due is None else round(r.sweep_due - time.time())
+                    stuck[u] = (r.status.value, r.stage and r.stage.value, r.handed_off, r.lease_token, due)
+            print("CHAOS_OUTAGE_STUCK (status, stage, handed_off, lease, sweep due in s)", stuck)
+            raise
         queues = (stack.jobs_queue, settings.io_queue, settings.gpu_queue)
         queue_urls = [sqs.get_queue_url(QueueName=q)["QueueUrl"] for q in queues]
 
