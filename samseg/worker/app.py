@@ -53,18 +53,13 @@ def create_app(settings: Settings | None = None) -> SamsegCelery:
 
 
 def _connect_process_signals(settings: Settings) -> None:
-    """Handlers that concern the process, not one app: logging, and beat's state folder."""
+    """Handlers that concern the process, not one app: logging (beat's state folder: samseg.worker.beat_schedule)."""
 
     def setup_logging(**_: Any) -> None:
         """Replace Celery's log set-up with ours, so worker and beat write the same structured lines."""
         configure_logging(settings.log_level, settings.log_json)
 
-    def beat_init(**_: Any) -> None:
-        """Beat opens its schedule file (in the state dir) right after this; a fresh host has no state dir yet."""
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-
     signals.setup_logging.connect(setup_logging, weak=False, dispatch_uid="samseg.setup_logging")
-    signals.beat_init.connect(beat_init, weak=False, dispatch_uid="samseg.beat_init")
 
 
 _app: SamsegCelery | None = None

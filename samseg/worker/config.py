@@ -108,9 +108,9 @@ def celery_config(s: Settings) -> dict[str, Any]:
             "options": {"queue": s.io_queue, "expires": 60.0},
         },
     }
-    # Beat's own host-local file; its folder is made by the app's beat_init handler (samseg.worker.app), which
-    # runs before beat opens it.
+    # Beat's own host-local file; its scheduler makes its folder before opening it (a fresh host has none).
     beat_schedule_filename = str(s.state_dir / "celerybeat-schedule")
+    beat_scheduler = "samseg.worker.beat_schedule:StateDirScheduler"
     beat_max_loop_interval = min(300.0, s.cleanup_interval_seconds)
 
     timezone = "UTC"
