@@ -357,7 +357,7 @@ class Lifecycle:
             if not self.settings.app_server_url:
                 skipped = box.model_copy(update={"state": OutboxState.SKIPPED, "error": "no app server configured"})
                 return None, replace(r, callback=skipped, sweep_due=None)
-            marker = now + 3 * timeout + 30  # one attempt's request, connect and read, with room to record it
+            marker = now + 2 * timeout + 10  # one attempt's connect and read, with room to record the answer
             ticket = SendTicket(uuid, r.run_id, r.status, r.error, box.attempts + 1, marker)
             sending = box.model_copy(
                 update={

@@ -38,11 +38,16 @@ def deliver_callback(self: StageTask, uuid: str, run_id: str) -> str:
     if ticket is None:
         record = self.stores.jobs.get(uuid)
         box = record.callback if record is not None and record.run_id == run_id else None
-        if box is not None and box.state is OutboxState.PENDING and box.next_attempt_at is not None:
-            wait = box.next_attempt_at - time.time()
-            if wait > 1:  # an early message (a capped countdown): wait again
-                names.queue_delivery(self.app, uuid, run_id, countdown=min(wait, MAX_COUNTDOWN_SECONDS))
-                return "waiting"
+        due = None
+        if box is not None and box.state is OutboxState.PENDING:
+            due = box.next_attempt_at  # an early message (a capped countdown): wait again
+        elif box is not None and box.state is OutboxState.SENDING:
+            due = box.sending_until  # another attempt holds the marker (its worker may have died): look again then
+        if due is not None and due - time.time() > -1:
+            names.queue_delivery(
+                self.app, uuid, run_id, countdown=min(max(1.0, due - time.time() + 1), MAX_COUNTDOWN_SECONDS)
+            )
+            return "waiting"
         return box.state.value if box is not None and box.state is not None else "nothing_due"
     if ticket.status is JobState.COMPLETED:
         data = self.stores.assets.read_result(uuid)

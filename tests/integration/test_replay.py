@@ -56,12 +56,20 @@ def test_redelivered_stages_of_a_finished_run_are_passed_through(make_stack, htt
             capture_output=True,
             timeout=60,
         )
-    deadline = time.monotonic() + 60
-    while worker.output().count('"stage_skipped"') < 2 and time.monotonic() < deadline:
+    # Each copy is told its run already ended (samseg.stores.lifecycle: Gone) and ends quietly: nothing published.
+    refused = '"event": "lifecycle_stage_refused"'
+    deadline = time.monotonic() + 90
+    while (
+        time.monotonic() < deadline
+        and sum(refused in line and uuid in line for line in worker.output().splitlines()) < 3
+    ):
         time.sleep(0.5)
-    worker.wait_for_output('"callback_already_delivered"', 60)
-    assert worker.output().count('"stage_skipped"') == 2  # persist and segment
-    time.sleep(2)
+    lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{") and refused in line]
+    gone = [line for line in lines if line.get("job_uuid") == uuid]
+    assert sorted(line["stage"] for line in gone) == ["notify", "persist", "segment"], gone
+    assert all("run already completed" in line["outcome"] for line in gone), gone
+    # A refused copy publishes nothing, so no second callback attempt can be on its way.
+    assert worker.output().count("Task samseg.deliver_callback[replay-1.callback] received") == 1
     assert len([r for r in app_server.requests if r.path == CALLBACK + uuid]) == 1
     after = httpx.get(f"{api}/jobs/{uuid}", headers=AUTH, timeout=10).json()
     assert after["status"] == "completed" and after["segments"] == status["segments"]
