@@ -33,6 +33,7 @@ from samseg.stores.lifecycle import (
     STAGE_ORDER,
     AttemptResult,
     Busy,
+    Ended,
     Forward,
     Gone,
     Hold,
@@ -185,7 +186,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         elif isinstance(outcome, Forward):
             self.world.messages.append(Copy(message.uuid, message.run_id, outcome.stage, outcome.payload))
         else:
-            assert isinstance(outcome, Gone)
+            assert isinstance(outcome, Gone | Ended)
 
     @precondition(lambda self: self.world.messages)
     @rule(data=st.data(), then=st.sampled_from(["finish", "finish", "fail"]))

@@ -80,6 +80,8 @@ class JobRecord:
     payload: dict[str, Any] | None = None
     handed_off: bool = False
     republished: int = 0
+    # How often a copy of the current stage took the run over from a holder that died (its lease ran out).
+    takeovers: int = 0
     # When the sweeper should look at this record (an index of active runs); None: nothing can get stuck.
     sweep_due: float | None = None
 
@@ -112,7 +114,7 @@ class JobRecord:
 UNDELIVERED = frozenset({OutboxState.REJECTED, OutboxState.GONE, OutboxState.EXPIRED})
 
 
-LIFECYCLE_FIELDS = ("lease_token", "lease_until", "payload", "handed_off", "republished")
+LIFECYCLE_FIELDS = ("lease_token", "lease_until", "payload", "handed_off", "republished", "takeovers")
 
 
 def lifecycle_fields(record: JobRecord) -> dict[str, Any]:

@@ -89,6 +89,14 @@ class Gone:
 
 
 @dataclass(frozen=True)
+class Ended:
+    """The stage's holders died on every one of SAMSEG_TASK_MAX_RECEIVE_COUNT takeovers (a poison stage: the OOM
+    killer on one huge image): the run was failed `worker_lost` in this write; queue its callback."""
+
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
 class Forward:
     """This stage already finished and handed the run on, but the next stage has not started: its message may
     have been lost (the holder died, or SQS was down, between the hand-off and the publish — which is why this
@@ -98,7 +106,7 @@ class Forward:
     payload: dict[str, Any]
 
 
-StageStart = Hold | Busy | Gone | Forward
+StageStart = Hold | Busy | Gone | Forward | Ended
 
 
 # --- callback attempts ------------------------------------------------------------------------------------------
@@ -187,6 +195,13 @@ class Lifecycle:
                     return Gone(f"{stage.value} already finished"), None
                 if r.lease_token is not None and r.lease_until > now:
                     return Busy(retry_in=r.lease_until - now), None
+            takeovers = r.takeovers + 1 if new_rank == here and r.lease_token is not None else 0
+            if takeovers >= self.settings.task_max_receive_count:
+                error = ErrorInfo(
+                    code="worker_lost",
+                    message=f"{stage.value} killed its worker on each of {takeovers} tries (out of memory?)",
+                )
+                return Ended(error), self._ended(r, JobState.FAILED, error, now)
             token = secrets.token_hex(8)
             until = now + self.lease
             same_stage = new_rank == here
@@ -199,6 +214,7 @@ class Lifecycle:
                 payload=payload,
                 handed_off=False,
                 republished=r.republished if same_stage else 0,
+                takeovers=takeovers,
                 sweep_due=until + self.grace,
             )
 
@@ -209,7 +225,7 @@ class Lifecycle:
             log.info("lifecycle_stage_held", job_uuid=uuid, run_id=run_id, stage=stage.value, lease=outcome.token)
         else:
             log.info("lifecycle_stage_refused", job_uuid=uuid, run_id=run_id, stage=stage.value, outcome=repr(outcome))
-        assert isinstance(outcome, Hold | Busy | Gone | Forward)
+        assert isinstance(outcome, Hold | Busy | Gone | Forward | Ended)
         return outcome
 
     def renew(self, uuid: str, run_id: str, token: str) -> bool:
@@ -230,7 +246,8 @@ class Lifecycle:
         def decide(r: JobRecord, now: float) -> tuple[bool, JobRecord | None]:
             if r.run_id != run_id or r.lease_token != token or r.terminal:
                 return False, None
-            return True, replace(r, lease_until=now, sweep_due=now + self.grace)
+            # No holder any more (not a dead one): the next copy takes over without counting a takeover.
+            return True, replace(r, lease_token=None, lease_until=0.0, sweep_due=now + self.grace)
 
         released, _ = self._transition(uuid, decide)
         return bool(released)

@@ -28,8 +28,8 @@ from samseg.core.settings import Settings, get_settings
 from samseg.ops.scratch import scratch_prefix
 from samseg.stores import Stores, build_stores
 from samseg.stores.layout import work_key
-from samseg.stores.lifecycle import Busy, Forward, Hold, Lifecycle
-from samseg.worker.chain import chain_from
+from samseg.stores.lifecycle import Busy, Ended, Forward, Hold, Lifecycle
+from samseg.worker.chain import chain_from, queue_delivery
 from samseg.worker.leases import HeldLease, LeaseKeeper
 
 log = structlog.get_logger(__name__)
@@ -119,6 +119,9 @@ class StageTask(Task):  # type: ignore[misc]
         if isinstance(outcome, Busy):
             # The retry carries the chain on (request.chain): this copy may be the one that finishes the stage.
             raise self.retry(countdown=min(60.0, outcome.retry_in + 1), max_retries=None)
+        if isinstance(outcome, Ended):
+            queue_delivery(self.app, job["uuid"], job["run_id"])  # the run was failed `worker_lost` in that write
+            log.error("stage_poison", stage=stage.value, code=outcome.error.code, error=outcome.error.message)
         if isinstance(outcome, Forward):
             # The stage was done but its next message may be lost: publish it again (its lease stops a duplicate).
             chain_from(self.app, outcome.stage, outcome.payload).apply_async()

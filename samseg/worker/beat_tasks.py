@@ -3,6 +3,8 @@ and the purge."""
 
 from __future__ import annotations
 
+import time
+
 import structlog
 from celery import shared_task
 
@@ -41,8 +43,18 @@ def reap_dead_tasks(self: StageTask) -> int:
             "stage": TASK_STAGES[dead.task].value if dead.task in TASK_STAGES else None,
             "lease_expired": True,  # its holder died on every delivery; never fail a run another copy holds
         }
-        end_failed_run(self.app, self.lifecycle, failure, self.stores.assets)
-        return True
+        if end_failed_run(self.app, self.lifecycle, failure, self.stores.assets):
+            return True
+        record = self.stores.jobs.get(dead.job_uuid)
+        holder_alive = (
+            record is not None
+            and record.run_id == dead.run_id
+            and not record.terminal
+            and record.lease_token is not None
+            and record.lease_until > time.time()
+        )
+        # Its last holder's lease has not run out yet: keep the letter, it comes back for the next reap.
+        return not holder_alive
 
     return reap_task_dead_letters(JobQueues(self.settings), handle)
 

@@ -98,6 +98,10 @@ def test_a_task_that_kills_its_worker_every_time_ends_failed_with_worker_lost(ma
         SAMSEG_VISIBILITY_TIMEOUT_SECONDS="30",
         SAMSEG_SEGMENT_TIME_LIMIT_SECONDS="60",
         SAMSEG_TASK_MAX_RECEIVE_COUNT="2",
+        # Shorter than the visibility timeout: each redelivery finds the killed holder's lease run out and takes
+        # over (with a live lease it would be handed back as a new message; then the lifecycle's own count of
+        # takeovers ends the run — tests/unit/test_lifecycle.py).
+        SAMSEG_STAGE_LEASE_SECONDS="10",
         **LAZY,
     )
     subprocess.run([str(VENV_BIN / "samseg"), "queues", "ensure"], env=stack.env, check=True, timeout=60)

@@ -14,7 +14,7 @@ import pytest
 
 from samseg.core.contracts import ErrorInfo, JobState, OutboxState, Stage
 from samseg.stores.jobs import PUBLISH_LEASE_SECONDS, Decision, JobStore
-from samseg.stores.lifecycle import AttemptResult, Busy, Forward, Gone, Hold, Lifecycle, SweepKind
+from samseg.stores.lifecycle import AttemptResult, Busy, Ended, Forward, Gone, Hold, Lifecycle, SweepKind
 from samseg.stores.sql_jobs import SqlJobs
 from tests.lifecycle_machine import GRACE, LEASE, STALE, make_settings
 
@@ -226,3 +226,28 @@ def test_two_attempts_at_once_get_one_send_marker(life: Lifecycle, clock: Clock)
     again = life.begin_send("job", run)
     assert again is not None and again.marker != first.marker
     assert life.record_attempt(first, AttemptResult(True, 200)) is None  # the stale attempt records nothing
+
+
+def test_a_stage_whose_holders_keep_dying_ends_worker_lost_on_its_own(life: Lifecycle, clock: Clock):
+    """A poison stage whose redeliveries are handed back (Busy) never reaches SQS's dead-letter queue: the
+    lifecycle counts takeovers from dead holders and ends the run at SAMSEG_TASK_MAX_RECEIVE_COUNT."""
+    run = started(life, clock)
+    through(life, "job", run, Stage.DOWNLOAD)
+    limit = life.settings.task_max_receive_count
+    for _ in range(limit):
+        hold = life.start_stage("job", run, Stage.SEGMENT, {"uuid": "job", "run_id": run})
+        assert isinstance(hold, Hold)  # …and the worker dies with it
+        clock.now += LEASE + 1
+    ended = life.start_stage("job", run, Stage.SEGMENT, {"uuid": "job", "run_id": run})
+    assert isinstance(ended, Ended) and ended.error.code == "worker_lost"
+    record = life.jobs.get("job")
+    assert record is not None and record.status is JobState.FAILED
+    assert record.callback is not None and record.callback.state is OutboxState.PENDING
+
+
+def test_a_released_lease_is_not_counted_as_a_death(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    for _ in range(life.settings.task_max_receive_count + 1):
+        hold = life.start_stage("job", run, Stage.DOWNLOAD, {"uuid": "job", "run_id": run})
+        assert isinstance(hold, Hold)
+        assert life.release("job", run, hold.token)  # a retry after an outage gives the lease back
