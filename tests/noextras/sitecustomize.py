@@ -25,10 +25,24 @@ class _Block(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
         top = fullname.partition(".")[0]
+        if top in self.names and _probing():
+            return None  # importlib.util.find_spec asks whether it is installed: in a venv without it, "no"
         if top in self.names:
             sys.stderr.write(f"{MARKER} {fullname}\n")
             raise ModuleNotFoundError(f"No module named {fullname!r} (not installed without extras)", name=fullname)
         return None
+
+
+def _probing() -> bool:
+    """True when importlib.util.find_spec (a library checking for an optional package), not an import, asks."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "find_spec" and frame.f_code.co_filename.endswith(
+            ("importlib/util.py", "importlib.util>")
+        ):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
 
 
 _names = frozenset(n for n in os.environ.get("SAMSEG_TEST_BLOCKED_MODULES", "").split(",") if n)

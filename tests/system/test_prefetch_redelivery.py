@@ -99,6 +99,9 @@ def test_killed_segment_worker_loses_no_prefetched_message_and_none_waits_past_t
         SAMSEG_APP_SERVER_URL=app_server.url,
         SAMSEG_VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY),
         SAMSEG_SEGMENT_TIME_LIMIT_SECONDS="60",
+        # The killed holder's stage lease runs out before its message comes back (else the redelivered copy is
+        # handed back once, up to a minute, until the lease ran out: docs/operations.md "The job lifecycle").
+        SAMSEG_STAGE_LEASE_SECONDS="10",
         **LAZY,
     )
     prefix = stack.env["SAMSEG_QUEUE_PREFIX"]
