@@ -164,6 +164,8 @@ def test_worker_sigkilled_during_segment_completes_once_with_s3_and_dynamodb(
         SAMSEG_APP_SERVER_URL=app_server.url,
         SAMSEG_VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY),
         SAMSEG_SEGMENT_TIME_LIMIT_SECONDS="60",
+        # The killed holder's stage lease runs out before its message comes back (docs/operations.md).
+        SAMSEG_STAGE_LEASE_SECONDS="10",
         SAMSEG_AMG_POINTS_PER_SIDE="2",
         **shared_aws,
     )
@@ -190,7 +192,7 @@ def test_worker_sigkilled_during_segment_completes_once_with_s3_and_dynamodb(
         env=_host(tmp_path, "gpu2"),
     )
     app_server.wait_for(is_callback(uuid), timeout=VISIBILITY + 150)
-    wait_until(lambda: task_received(replacement, uuid, "segment") == 1, 10, "the redelivered segment")
+    wait_until(lambda: task_received(replacement, uuid, "segment") >= 1, 10, "the redelivered segment")
     sent = settled_callbacks(stack, app_server, uuid, timeout=150)
     assert len(sent) == 1
     body = sent[0].json()
