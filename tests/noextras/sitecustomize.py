@@ -25,24 +25,10 @@ class _Block(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
         top = fullname.partition(".")[0]
-        if top in self.names and _probing():
-            return None  # importlib.util.find_spec asks whether it is installed: in a venv without it, "no"
         if top in self.names:
             sys.stderr.write(f"{MARKER} {fullname}\n")
             raise ModuleNotFoundError(f"No module named {fullname!r} (not installed without extras)", name=fullname)
         return None
-
-
-def _probing() -> bool:
-    """True when importlib.util.find_spec (a library checking for an optional package), not an import, asks."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_name == "find_spec" and frame.f_code.co_filename.endswith(
-            ("importlib/util.py", "importlib.util>")
-        ):
-            return True
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
 
 
 _names = frozenset(n for n in os.environ.get("SAMSEG_TEST_BLOCKED_MODULES", "").split(",") if n)
@@ -51,3 +37,15 @@ if _names:
         if _name.partition(".")[0] in _names:
             raise RuntimeError(f"{_name} was imported before sitecustomize could block it")
     sys.meta_path.insert(0, _Block(_names))
+    # A library asking whether a package is installed (importlib.util.find_spec, e.g. torch's dynamo probing for
+    # hypothesis) gets None, as in a venv without it, rather than the import error above.
+    import importlib.util
+
+    _find_spec = importlib.util.find_spec
+
+    def _absent_find_spec(name: str, package: str | None = None) -> Any:
+        if name.partition(".")[0] in _names:
+            return None
+        return _find_spec(name, package)
+
+    importlib.util.find_spec = _absent_find_spec
