@@ -22,6 +22,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from samseg.core.errors import JobError, is_transient
+from samseg.runtime.segmenter import Segmenter
 from samseg.worker.base import error_info, storage_errors
 
 
@@ -176,8 +177,8 @@ def test_a_segmenter_crash_is_model_error(tmp_path: Path) -> None:
     def scratch() -> Iterator[Path]:
         yield tmp_path
 
-    segmenter = mock.Mock()
-    segmenter.segment_with_fallback.side_effect = RuntimeError("CUDA out of memory")
+    segmenter = mock.create_autospec(Segmenter, instance=True)  # a misnamed method fails, not passes silently
+    segmenter.segment_packed_with_fallback.side_effect = RuntimeError("CUDA out of memory")
     task: Any = stages.segment._get_current_object()
     with (
         mock.patch.object(task, "hold", return_value=mock.Mock()),
@@ -190,7 +191,7 @@ def test_a_segmenter_crash_is_model_error(tmp_path: Path) -> None:
         task.run({"uuid": "u1", "run_id": RUN, "image_url": "http://x/y.png"})
     assert raised.value.code == "model_error"
     assert "CUDA out of memory" in raised.value.message
-    assert segmenter.segment_with_fallback.call_count == 1
+    assert segmenter.segment_packed_with_fallback.call_count == 1
 
 
 def test_a_timeout_in_the_segmenter_is_not_model_error(tmp_path: Path) -> None:
@@ -201,8 +202,8 @@ def test_a_timeout_in_the_segmenter_is_not_model_error(tmp_path: Path) -> None:
     def scratch() -> Iterator[Path]:
         yield tmp_path
 
-    segmenter = mock.Mock()
-    segmenter.segment_with_fallback.side_effect = SoftTimeLimitExceeded()
+    segmenter = mock.create_autospec(Segmenter, instance=True)  # a misnamed method fails, not passes silently
+    segmenter.segment_packed_with_fallback.side_effect = SoftTimeLimitExceeded()
     task: Any = stages.segment._get_current_object()
     with (
         mock.patch.object(task, "hold", return_value=mock.Mock()),
