@@ -21,6 +21,14 @@ class JobError(Exception):
         return (JobError, (self.code, self.message))
 
 
+class JobCanceled(Exception):
+    """The job was canceled while a stage worked on it (DELETE /jobs/{uuid} or a cancel message).
+
+    Raised from inside long work (between the mask decoder's batches) when the stage's `should_stop` check says
+    so; the stage then ends the run `canceled` instead of finishing. Not a failure: no error code.
+    """
+
+
 # Failures of the infrastructure around a job rather than of the job: SQS, S3, DynamoDB or SQLite unreachable,
 # throttling, 5xx. A stage that meets one is retried later (the outage usually ends) instead of failing the job.
 _TRANSIENT_AWS_CODES = frozenset(
