@@ -9,6 +9,10 @@ step what samseg promises:
 - at most one terminal state per run, and a terminal run never changes state again;
 - at most one callback body per `webhook-id` (uuid.run_id);
 - no run ends `failed` after its result was published (persist handed it on);
+- a cancel that reached a live run (ended it, or was recorded for its holder) ends that run `canceled`;
+- the model never starts for a run past its deadline (a segment is first held only before it);
+- a re-sent uuid with another body while its run is active changes nothing (a conflict); the same body after
+  `completed` reopens the same run's outbox (the same webhook-id, the same body), never a new run;
 - once faults stop, the clock moves and the sweeper and workers keep going, every run ends and every callback
   outbox closes (checked in `teardown`).
 
@@ -33,6 +37,7 @@ from samseg.stores.lifecycle import (
     STAGE_ORDER,
     AttemptResult,
     Busy,
+    CancelOutcome,
     Ended,
     Forward,
     Gone,
@@ -93,6 +98,8 @@ class World:
     terminal: dict[tuple[str, str], JobState] = field(default_factory=dict)
     bodies: dict[str, set[tuple[str, str | None]]] = field(default_factory=dict)  # webhook-id → bodies sent
     published: set[tuple[str, str]] = field(default_factory=set)  # runs whose persist handed off
+    canceled: set[tuple[str, str]] = field(default_factory=set)  # runs a cancel reached while they were live
+    segmented: set[tuple[str, str]] = field(default_factory=set)  # runs whose segment stage was held once
 
 
 def make_settings() -> Settings:
@@ -154,17 +161,36 @@ class LifecycleMachine(RuleBasedStateMachine):
     def start(self) -> None:
         self.world = World()
 
-    @rule(uuid=st.sampled_from(UUIDS), same_message=st.booleans())
-    def ingress_delivers(self, uuid: str, same_message: bool) -> None:
-        """A job message arrives (the same SQS message again, or a resend) and the ingress claims it."""
+    @rule(
+        uuid=st.sampled_from(UUIDS),
+        same_message=st.booleans(),
+        body=st.sampled_from(["A", "A", "B"]),
+        ttl=st.sampled_from([None, None, 5.0, LEASE * 3]),
+    )
+    def ingress_delivers(self, uuid: str, same_message: bool, body: str, ttl: float | None) -> None:
+        """A job message arrives (the same SQS message again, or a resend — maybe with another body: the
+        fingerprint) and the ingress claims it; `ttl`: its deadline, from now."""
         if not same_message:
             self.message_ids += 1
         message_id = f"m-{uuid}-{self.message_ids}"
         now = self.world.now
-        claim = self._try(lambda: self.store.claim(uuid, message_id, now=now, payload={"uuid": uuid}))
-        if claim is None or claim.decision is not Decision.RUN:
+        first: dict[str, Any] = {"uuid": uuid} if ttl is None else {"uuid": uuid, "deadline": now + ttl}
+        before = self._try(lambda: self.store.get(uuid))
+        claim = self._try(
+            lambda: self.store.claim(uuid, message_id, now=now, payload=first, fingerprint=f"{uuid}-{body}")
+        )
+        if claim is None:
             return
-        payload = {"uuid": uuid, "run_id": claim.run_id}
+        if claim.decision is Decision.CONFLICT:
+            after = self._try(lambda: self.store.get(uuid))
+            assert before is not None and not before.terminal, f"a conflict with no active run: {before}"
+            assert after is None or after.version == before.version, "a conflicting re-send changed the record"
+        if claim.decision is Decision.REDELIVER:
+            assert before is not None and before.status is JobState.COMPLETED
+            assert claim.record.run_id == before.run_id and claim.record.status is JobState.COMPLETED
+        if claim.decision is not Decision.RUN:
+            return
+        payload = {**first, "run_id": claim.run_id}
         self.world.messages.append(Copy(uuid, claim.run_id, Stage.DOWNLOAD, payload))
         self._try(lambda: self.store.mark_published(uuid, claim.run_id, now=now))
 
@@ -180,6 +206,11 @@ class LifecycleMachine(RuleBasedStateMachine):
         if outcome is None:
             self.world.messages.append(message)  # the outage: the message comes back
         elif isinstance(outcome, Hold):
+            key = (message.uuid, message.run_id)
+            deadline = message.payload.get("deadline")
+            if message.stage is Stage.SEGMENT and key not in self.world.segmented:
+                assert deadline is None or self.world.now <= deadline, f"{key}: segmentation started past its deadline"
+                self.world.segmented.add(key)
             self.world.holders.append(Copy(message.uuid, message.run_id, message.stage, message.payload, outcome.token))
         elif isinstance(outcome, Busy):
             self.world.messages.append(message)  # handed back, looks again later
@@ -210,7 +241,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.a_worker_takes_a_message_through(data, "finish" if left > 1 else then)
 
     @precondition(lambda self: self.world.holders)
-    @rule(data=st.data(), action=st.sampled_from(["finish", "fail", "renew", "crash"]))
+    @rule(data=st.data(), action=st.sampled_from(["finish", "fail", "renew", "crash", "see_cancel"]))
     def a_holder_acts(self, data: st.DataObject, action: str) -> None:
         self._act(self.world.holders[data.draw(st.integers(0, len(self.world.holders) - 1))], action)
 
@@ -221,6 +252,12 @@ class LifecycleMachine(RuleBasedStateMachine):
             return
         if action == "renew":
             self._try(lambda: self.lifecycle.renew(holder.uuid, holder.run_id, holder.token or ""))
+            return
+        if action == "see_cancel":  # the segmenter's check between decoder batches
+            record = self._try(lambda: self.store.get(holder.uuid))
+            if record is not None and record.run_id == holder.run_id and record.cancel_requested:
+                self.world.holders.remove(holder)
+                self._try(lambda: self.lifecycle.end_canceled(holder.uuid, holder.run_id, holder.token or ""))
             return
         self.world.holders.remove(holder)
         if action == "fail":
@@ -254,6 +291,19 @@ class LifecycleMachine(RuleBasedStateMachine):
         error = ErrorInfo(code="worker_lost", message="injected")
         run_id = record.run_id
         self._try(lambda: self.lifecycle.fail(uuid, run_id, error, stage=stage, lease_expired=True))
+
+    @rule(uuid=st.sampled_from(UUIDS))
+    def the_app_server_cancels(self, uuid: str) -> None:
+        """DELETE /jobs/{uuid} or a cancel message: the run ends `canceled` now or at its holder's next boundary."""
+        result = self._try(lambda: self.lifecycle.cancel(uuid))
+        if result is None:
+            return
+        outcome, record = result
+        if outcome in (CancelOutcome.CANCELED, CancelOutcome.REQUESTED):
+            assert record is not None and record.run_id is not None
+            self.world.canceled.add((uuid, record.run_id))
+        if outcome is CancelOutcome.CANCELED:
+            assert record is not None and record.status is JobState.CANCELED
 
     @rule(seconds=st.sampled_from([1.0, 5.0, LEASE, LEASE + GRACE + 1, STALE + GRACE + 1]))
     def time_passes(self, seconds: float) -> None:
@@ -326,6 +376,8 @@ class LifecycleMachine(RuleBasedStateMachine):
                 continue
             assert record.terminal, f"{uuid} never ended: {record}"
             assert record.callback is not None and not record.callback.open, f"{uuid}'s callback never closed"
+            if (uuid, record.run_id) in self.world.canceled:
+                assert record.status is JobState.CANCELED, f"{uuid}: a cancel reached the run, it ended {record}"
 
     def _drain(self) -> None:
         for _ in range(50):

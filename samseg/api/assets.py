@@ -1,10 +1,10 @@
-"""The published masks and result.json, at the URLs the callback gave out (`mask_url`).
+"""The published masks, result.json and job-level outputs, at the URLs the callback gave out.
 
-Only `{uuid}/mask_images/mask_NNN.png` and `{uuid}/result.json` exist as URLs, and only once the job is
-published (its result.json exists), so nothing else in the store — work files, a job being written, a
-planted symlink — can be reached. From a local directory the file is sent as is; from S3 the object is
-streamed (SAMSEG_S3_ASSETS=proxy, any client works) or the client is redirected to a presigned GET that
-expires in minutes (redirect: the API moves no bytes).
+Only `{uuid}/mask_images/mask_NNN.png`, `{uuid}/result.json`, `{uuid}/label_map.png` and `{uuid}/overlay.jpg`
+exist as URLs, and only once the job is published (its result.json exists), so nothing else in the store —
+work files, a job being written, a planted symlink — can be reached. From a local directory the file is sent
+as is; from S3 the object is streamed (SAMSEG_S3_ASSETS=proxy, any client works) or the client is redirected
+to a presigned GET that expires in minutes (redirect: the API moves no bytes).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from samseg.api.deps import SettingsDep, StoresDep
 from samseg.api.jobs import JobIdParam
 from samseg.core.contracts import UUID_PATTERN
 from samseg.stores import Stores
-from samseg.stores.layout import MASK_NAME, mask_key, result_key
-from samseg.stores.results import MASK_DIR
+from samseg.stores.layout import JOB_FILES, MASK_NAME, job_file_key, mask_key
+from samseg.stores.results import MASK_DIR, RESULT_FILE
 from samseg.stores.signed_urls import AssetSignatureError, verify_request
 
 router = APIRouter(tags=["assets"])
@@ -78,19 +78,37 @@ def mask_image(
     return _serve(stores, settings.s3_assets, mask_key(uuid, name), "image/png")
 
 
-@router.get("/assets/{uuid}/result.json", response_class=Response)
-def result_json(
+@router.get("/assets/{uuid}/{name}", response_class=Response)
+def job_file(
     uuid: JobIdParam,
+    name: str,
+    request: Request,
     stores: StoresDep,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    expires: str | None = None,
+    signature: str | None = None,
 ) -> Response:
-    """The callback body. With signed mask URLs nobody is handed a URL for it: it takes the API token then."""
-    if not UUID_PATTERN.fullmatch(uuid):
+    """result.json, label_map.png or overlay.jpg (the callback's `result_url`, `label_map_url`, `overlay_url`).
+
+    With SAMSEG_ASSET_URL_SECRET: through the signed URL the callback gave out, or with the API token (how
+    result.json was reached before it had a signed URL).
+    """
+    if not UUID_PATTERN.fullmatch(uuid) or name not in JOB_FILES:
         raise HTTPException(404, detail="not found")
     if settings.asset_url_secret is not None:
-        check_credentials(credentials, settings)
-    return _serve(stores, settings.s3_assets, result_key(uuid), "application/json")
+        if expires is None and signature is None:
+            check_credentials(credentials, settings)
+        else:
+            try:
+                verify_request(f"/assets/{uuid}/{name}", expires, signature, settings)
+            except AssetSignatureError as exc:
+                raise HTTPException(403, detail=exc.message) from None
+    if name != RESULT_FILE:
+        published: PublishedCache = request.app.state.published
+        if not published.check(uuid, stores):
+            raise HTTPException(404, detail="not found")
+    return _serve(stores, settings.s3_assets, job_file_key(uuid, name), JOB_FILES[name])
 
 
 def _serve(stores: Stores, mode: str, key: str, media_type: str) -> Response:

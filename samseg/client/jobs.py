@@ -89,9 +89,13 @@ class HttpJobs:
         response.raise_for_status()
         return JobAccepted.model_validate(response.json())
 
-    def cancel(self, uuid: str) -> None:
-        """`DELETE /jobs/{uuid}`."""
-        self.client.delete(f"{self.base_url}/jobs/{uuid}", headers=self.headers).raise_for_status()
+    def cancel(self, uuid: str) -> JobStatus:
+        """`DELETE /jobs/{uuid}`: the job's status afterwards (`canceled`, or `running` with `cancel_requested`
+        while a stage reaches its next boundary). Raises httpx.HTTPStatusError: 409 for a job that already
+        ended (the body says its status), 404 for an unknown uuid."""
+        response = self.client.delete(f"{self.base_url}/jobs/{uuid}", headers=self.headers)
+        response.raise_for_status()
+        return JobStatus.model_validate(response.json())
 
     def status(self, uuid: str) -> JobStatus:
         """`GET /jobs/{uuid}`."""

@@ -101,7 +101,8 @@ class JobMessage(BaseModel):
     options: JobOptions | None = None
     # Extra outputs next to the mask PNGs (none by default); duplicates are dropped, order kept.
     outputs: Annotated[list[OutputKind], AfterValidator(_unique)] = Field(default_factory=list, strict=True)
-    # How long this job's assets are kept (seconds); None = the server's SAMSEG_ASSET_TTL_SECONDS.
+    # The job's deadline, in seconds from when it was sent (SQS SentTimestamp, or the POST /jobs time): a job
+    # whose segmentation has not started by then fails `expired`, the model never run; None = SAMSEG_JOB_TTL_SECONDS.
     ttl_seconds: int | None = Field(None, ge=10, le=604_800, strict=True)
     # Progress callbacks wanted besides the final one: "running" = a PATCH with status "running" when work starts.
     events: Annotated[list[JobEvent], AfterValidator(_unique)] = Field(default_factory=list, strict=True)
@@ -245,6 +246,7 @@ class ResultDocument(BaseModel):
     error: ErrorInfo | None = None
     image_width: int | None = None
     image_height: int | None = None
+    result_url: str | None = None  # where this document is served (the callback's `result_url`)
     label_map_url: str | None = None
     overlay_url: str | None = None
     params: EffectiveOptions | None = None
@@ -252,7 +254,7 @@ class ResultDocument(BaseModel):
     model: ModelInfo | None = None
     samseg_version: str | None = None
 
-    def callback_body(self, result_url: str | None = None) -> CallbackBody:
+    def callback_body(self) -> CallbackBody:
         """The callback for this result: the same fields, segments without their rle/polygons (those stay here)."""
         return CallbackBody(
             uuid=self.uuid,
@@ -261,7 +263,7 @@ class ResultDocument(BaseModel):
             error=self.error,
             image_width=self.image_width,
             image_height=self.image_height,
-            result_url=result_url,
+            result_url=self.result_url,
             label_map_url=self.label_map_url,
             overlay_url=self.overlay_url,
         )
@@ -330,6 +332,8 @@ class JobStatus(BaseModel):
     segments: list[Segment] | None = None
     error: ErrorInfo | None = None
     callback: CallbackStatus | None = None
+    # DELETE /jobs/{uuid} reached a running stage: it ends the job `canceled` at its next boundary.
+    cancel_requested: bool | None = None
 
 
 class JobAccepted(BaseModel):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from pydantic import ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
@@ -39,6 +42,28 @@ def check_server_limits(options: JobOptions | None, settings: Settings) -> None:
         raise ValidationError.from_exception_data("JobMessage", details)
 
 
+def fingerprint(job: JobMessage) -> str:
+    """What the job asks for — image_url, options (as sent), outputs (as a set) — as a short hash.
+
+    The re-send rules compare it (samseg.stores.jobs.JobStore.claim): the same uuid with the same fingerprint is
+    the same job; `ttl_seconds` and `events` are not part of it (re-sending with a new deadline is the same job).
+    """
+    options = job.options.model_dump() if job.options is not None else {}
+    canonical = json.dumps(
+        {"image_url": job.image_url, "options": options, "outputs": sorted(job.outputs)},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def job_deadline(job: JobMessage, sent_at: float, settings: Settings) -> float | None:
+    """When the job's segmentation must have started (epoch seconds): `sent_at` (SQS SentTimestamp, or the
+    POST /jobs time) plus its `ttl_seconds`, else SAMSEG_JOB_TTL_SECONDS; None: no deadline."""
+    ttl = job.ttl_seconds if job.ttl_seconds is not None else settings.job_ttl_seconds
+    return None if ttl is None else sent_at + ttl
+
+
 def resolve_options(options: JobOptions | None, settings: Settings) -> EffectiveOptions:
     """Each option the job set, else the server's; checks the server's limits first (see check_server_limits)."""
     check_server_limits(options, settings)
@@ -46,14 +71,3 @@ def resolve_options(options: JobOptions | None, settings: Settings) -> Effective
     if options is None:
         return base
     return base.model_copy(update=options.model_dump(exclude_none=True))
-
-
-# The job message's optional fields (issue 16) that this server version validates but does not carry out yet:
-# per-job options, extra outputs, deadlines, progress events. A job that sets one is refused with the field
-# named — never run as if it had not been set.
-NOT_YET_HONOURED = ("options", "outputs", "ttl_seconds", "events")
-
-
-def not_yet_honoured(job: JobMessage) -> list[str]:
-    """The optional fields `job` sets that this server does not carry out yet (empty: the job can run)."""
-    return [name for name in NOT_YET_HONOURED if getattr(job, name) not in (None, [])]

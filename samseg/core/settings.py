@@ -154,6 +154,8 @@ class Settings(BaseSettings):
     polygon_max_vertices: int = Field(100_000, ge=100, le=10_000_000)
     # The most `options.points_per_side` a job may ask for on this server (the contract's hard limit is 64).
     job_max_points_per_side: int = Field(64, ge=4, le=64)
+    # Default deadline of a job that sets no `ttl_seconds` (seconds from when it was sent); unset = none.
+    job_ttl_seconds: int | None = Field(None, ge=10, le=604_800)
     amg_int8: bool = False
     amg_compile: bool = False
     amg_half: bool = False

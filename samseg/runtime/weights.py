@@ -9,6 +9,7 @@ worker never loads half a checkpoint and a rerun starts clean.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -326,3 +327,19 @@ def ensure_configured(settings: Settings, *, progress: bool = False) -> Path:
     return ensure_checkpoint(
         settings.sam2_model, settings.checkpoint_path, base_url=settings.weights_base_url, progress=progress
     )
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """The SHA-256 of the checkpoint file a worker loaded: result.json's `model.checkpoint_sha256`, so a result
+    says which weights produced it. Hashed once per file version (path, size, mtime) per process."""
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

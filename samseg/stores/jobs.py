@@ -38,6 +38,7 @@ RANKS: dict[tuple[JobState, Stage | None], int] = {
     (JobState.RUNNING, Stage.NOTIFY): 4,
     (JobState.COMPLETED, None): 5,
     (JobState.FAILED, None): 5,
+    (JobState.CANCELED, None): 5,
 }
 TERMINAL_RANK = 5
 
@@ -54,6 +55,8 @@ class Decision(StrEnum):
     ALREADY_PUBLISHED = "already_published"  # this very message already started its run: delete it
     BUSY = "busy"  # another consumer holds this very message right now: hand it back for later
     DUPLICATE = "duplicate"  # another message for a job that is in progress or done: delete it
+    CONFLICT = "conflict"  # the same uuid with another body while a run is active: dead-letter it (uuid_conflict)
+    REDELIVER = "redeliver"  # the same body after `completed`: the outbox was reopened, send the same callback
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,11 @@ class JobRecord:
     takeovers: int = 0
     # When the sweeper should look at this record (an index of active runs); None: nothing can get stuck.
     sweep_due: float | None = None
+    # What the run was asked to do (samseg.core.options.fingerprint: image_url, options, outputs): a re-sent
+    # uuid with the same fingerprint is the same job, with another one a conflict while the run is active.
+    fingerprint: str | None = None
+    # A cancel reached the run while a stage held it: the holder ends it `canceled` at its next boundary.
+    cancel_requested: bool = False
 
     @property
     def rank(self) -> int:
@@ -91,7 +99,7 @@ class JobRecord:
 
     @property
     def terminal(self) -> bool:
-        return self.status in (JobState.COMPLETED, JobState.FAILED)
+        return self.status in TERMINAL_STATES
 
     def to_status(self) -> JobStatus:
         error = self.error
@@ -108,13 +116,24 @@ class JobRecord:
             run_id=self.run_id,
             error=error,
             callback=self.callback,
+            cancel_requested=True if self.cancel_requested and not self.terminal else None,
         )
 
 
 UNDELIVERED = frozenset({OutboxState.REJECTED, OutboxState.GONE, OutboxState.EXPIRED})
+TERMINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELED})
 
 
-LIFECYCLE_FIELDS = ("lease_token", "lease_until", "payload", "handed_off", "republished", "takeovers")
+LIFECYCLE_FIELDS = (
+    "lease_token",
+    "lease_until",
+    "payload",
+    "handed_off",
+    "republished",
+    "takeovers",
+    "fingerprint",
+    "cancel_requested",
+)
 
 
 def lifecycle_fields(record: JobRecord) -> dict[str, Any]:
@@ -217,11 +236,17 @@ class JobStore:
         return self.backend.insert(JobRecord(uuid=uuid, status=JobState.QUEUED, stage=None, updated_at=now))
 
     def claim(
-        self, uuid: str, message_id: str | None, now: float | None = None, payload: dict[str, Any] | None = None
+        self,
+        uuid: str,
+        message_id: str | None,
+        now: float | None = None,
+        payload: dict[str, Any] | None = None,
+        fingerprint: str | None = None,
     ) -> Claim:
         """Decide what a delivery of a job message does; RUN is returned to exactly one consumer per run.
 
-        `payload` is the first stage's input without its run id (the sweeper republishes it if the chain is lost).
+        `payload` is the first stage's input without its run id (the sweeper republishes it if the chain is lost);
+        `fingerprint` says what the job asks for (samseg.core.options.fingerprint), for the re-send rules.
         """
         for _ in range(CLAIM_ATTEMPTS):
             at = time.time() if now is None else now
@@ -238,6 +263,7 @@ class JobStore:
                 handed_off=True,
                 # Unpublished: the sweeper takes it over once the publish lease is over.
                 sweep_due=at + PUBLISH_LEASE_SECONDS + self.sweep_grace_seconds,
+                fingerprint=fingerprint,
             )
             if self.backend.insert(fresh):
                 return Claim(Decision.RUN, fresh)
@@ -248,11 +274,17 @@ class JobStore:
             if successor is None:
                 return Claim(decision, current)
             if self.backend.swap(current.version, successor):
-                return Claim(Decision.RUN, successor)
+                return Claim(decision, successor)
         raise StoreConflict(f"could not claim job {uuid}: the record kept changing")
 
     def _decide(self, current: JobRecord, fresh: JobRecord, now: float) -> tuple[Decision, JobRecord | None]:
-        """What `current` means for a new delivery; the successor record when this delivery takes over."""
+        """What `current` means for a new delivery; the successor record when this delivery takes over (RUN) or
+        reopens the finished run's callback outbox (REDELIVER).
+
+        The re-send rules (docs/contract.md): the same body while a run is active is a duplicate, another body a
+        conflict; the same body after `completed`, while its result is stored, sends the same callback again
+        without running the model; after `failed`/`canceled`, or another body after `completed`, a new run.
+        """
         take_over = replace(fresh, version=current.version + 1)
         if current.run_id is None:  # POST /jobs placeholder: no run yet
             return Decision.RUN, take_over
@@ -265,17 +297,30 @@ class JobStore:
             return Decision.RUN, replace(
                 current, claimed_at=now, sweep_due=fresh.sweep_due, version=current.version + 1
             )
+        same = current.fingerprint == fresh.fingerprint
         if current.status is JobState.QUEUED and not current.published:
             if now - current.claimed_at >= PUBLISH_LEASE_SECONDS:
                 return Decision.RUN, take_over  # its publisher died before publishing: this delivery takes over
-            return Decision.DUPLICATE, None
-        if current.status is JobState.FAILED:
-            return Decision.RUN, take_over  # an app server may resend a failed job
+            return (Decision.DUPLICATE if same else Decision.CONFLICT), None
+        if current.status in (JobState.FAILED, JobState.CANCELED):
+            return Decision.RUN, take_over  # an app server may resend a failed or canceled job
         if current.status is JobState.COMPLETED:
-            return Decision.DUPLICATE, None
+            if not same or current.assets_purged:
+                return Decision.RUN, take_over
+            box = current.callback
+            if box is not None and box.open:
+                return Decision.DUPLICATE, None  # its callback is on its way already
+            reopened = CallbackStatus(delivered=False, attempts=0, state=OutboxState.PENDING, next_attempt_at=now)
+            return Decision.REDELIVER, replace(
+                current,
+                callback=reopened,
+                sweep_due=now + self.sweep_grace_seconds,
+                updated_at=now,
+                version=current.version + 1,
+            )
         if now - current.updated_at > self.stale_after_seconds:
             return Decision.RUN, take_over  # no progress for longer than any stage may take: its run is dead
-        return Decision.DUPLICATE, None
+        return (Decision.DUPLICATE if same else Decision.CONFLICT), None
 
     def mark_published(self, uuid: str, run_id: str, now: float | None = None) -> bool:
         """The run's chain is on SQS. Until its download starts, the sweeper looks again only after the longest

@@ -2,7 +2,8 @@
 published, read and removed.
 
     {uuid}/mask_images/mask_000.png …     published masks (served by the API at the same path)
-    {uuid}/result.json                    the callback body; written last — a job is published once it exists
+    {uuid}/label_map.png, overlay.jpg     the job-level outputs it asked for (samseg.stores.outputs)
+    {uuid}/result.json                    the result document; written last — a job is published once it exists
     .samseg/work/{uuid}/{run_id}/…        files handed between the stages of one run (image, packed masks)
 
 Work files are keyed by run, so two runs of one uuid never share (or delete) each other's files. A re-run
@@ -16,16 +17,22 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from samseg.core.contracts import UUID_PATTERN, CallbackBody
+from pydantic import BaseModel
+
+from samseg.core.contracts import UUID_PATTERN
 from samseg.core.masks import PackedMasks, mask_filename
+from samseg.core.outputs import LABEL_MAP_FILE, OVERLAY_FILE
 from samseg.stores.blobs import BlobStore
 from samseg.stores.results import MASK_DIR, RESULT_FILE, write_result
 
 WORK_ROOT = ".samseg/work"
 MASK_NAME = re.compile(r"^mask_\d{3,6}\.png$")
+# The job-level files a job may have next to its masks, by name, with their media types (served by the API).
+JOB_FILES = {LABEL_MAP_FILE: "image/png", OVERLAY_FILE: "image/jpeg", RESULT_FILE: "application/json"}
 RUN_ID = re.compile(r"^[0-9a-f]{6,32}$")
 
 
@@ -35,6 +42,12 @@ def mask_key(uuid: str, name: str) -> str:
 
 def result_key(uuid: str) -> str:
     return f"{checked(uuid)}/{RESULT_FILE}"
+
+
+def job_file_key(uuid: str, name: str) -> str:
+    if name not in JOB_FILES:
+        raise ValueError(f"not a job file: {name!r}")
+    return f"{checked(uuid)}/{name}"
 
 
 def work_prefix(uuid: str, run_id: str | None = None) -> str:
@@ -59,17 +72,26 @@ def checked(uuid: str) -> str:
 class Assets:
     blobs: BlobStore
 
-    def publish(self, uuid: str, masks: PackedMasks, body: CallbackBody) -> None:
-        """Unpublish an earlier run (if any), masks, result.json (published from here on), stale masks out."""
+    def publish(
+        self,
+        uuid: str,
+        masks: PackedMasks,
+        body: BaseModel,
+        write_outputs: Callable[[], None] | None = None,
+        outputs: tuple[str, ...] = (),
+    ) -> None:
+        """Unpublish an earlier run (if any), masks, the job-level outputs (`write_outputs`: `outputs` names the
+        files it writes), result.json (published from here on), then stale masks and files out."""
         self.blobs.delete([result_key(uuid)])  # a reader must never pair an old result with new masks
         try:
-            write_result(self.blobs, f"{checked(uuid)}/", masks, body)
+            write_result(self.blobs, f"{checked(uuid)}/", masks, body, write_outputs)
         except BaseException:
             with contextlib.suppress(Exception):  # leave no unpublished masks behind (disk full, S3 refusing)
                 self.blobs.delete_prefix(checked(uuid))
             raise
         current = {mask_key(uuid, mask_filename(i)) for i in range(len(masks))}
         stale = [key for key, _ in self.blobs.walk(f"{checked(uuid)}/{MASK_DIR}") if key not in current]
+        stale += [job_file_key(uuid, name) for name in (LABEL_MAP_FILE, OVERLAY_FILE) if name not in outputs]
         if stale:
             self.blobs.delete(stale)
 

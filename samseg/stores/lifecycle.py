@@ -57,6 +57,8 @@ from samseg.stores.jobs import CLAIM_ATTEMPTS, PUBLISH_LEASE_SECONDS, JobRecord,
 log = structlog.get_logger(__name__)
 
 STAGE_ORDER = (Stage.DOWNLOAD, Stage.SEGMENT, Stage.PERSIST, Stage.NOTIFY)
+# A job's deadline (`ttl_seconds`) is checked when these stages start: past it, the model never runs.
+BEFORE_MODEL = frozenset({Stage.DOWNLOAD, Stage.SEGMENT})
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -90,10 +92,38 @@ class Gone:
 
 @dataclass(frozen=True)
 class Ended:
-    """The stage's holders died on every one of SAMSEG_TASK_MAX_RECEIVE_COUNT takeovers (a poison stage: the OOM
-    killer on one huge image): the run was failed `worker_lost` in this write; queue its callback."""
+    """The run was ended in this very write instead of being held; queue its callback. Why:
 
-    error: ErrorInfo
+    - `failed` `worker_lost`: the stage's holders died on every one of SAMSEG_TASK_MAX_RECEIVE_COUNT takeovers
+      (a poison stage: the OOM killer on one huge image);
+    - `failed` `expired`: the job's deadline (`ttl_seconds`) passed before its segmentation started;
+    - `canceled`: a cancel was requested while the previous holder worked (it died, or handed off).
+    """
+
+    state: JobState
+    error: ErrorInfo | None = None
+
+
+class Step(StrEnum):
+    """What a holder's `hand_off` / `complete` / `fail` did. Truthy only for DONE, so `if lifecycle.hand_off(…)`
+    reads as before; CANCELED means the run was ended `canceled` in that write (a cancel was pending): queue
+    its callback and publish nothing after it."""
+
+    DONE = "done"
+    LOST = "lost"  # the lease was lost (another copy holds the run, or it ended): do nothing more
+    CANCELED = "canceled"
+
+    def __bool__(self) -> bool:
+        return self is Step.DONE
+
+
+class CancelOutcome(StrEnum):
+    """What `Lifecycle.cancel` did."""
+
+    CANCELED = "canceled"  # the run was ended `canceled` in this write: queue its callback
+    REQUESTED = "requested"  # a stage holds the run: its holder ends it at its next boundary (within seconds)
+    TERMINAL = "terminal"  # the job had already ended: nothing changed
+    UNKNOWN = "unknown"  # no record for this uuid
 
 
 @dataclass(frozen=True)
@@ -135,7 +165,7 @@ class AttemptResult:
 class SweepKind(StrEnum):
     REPUBLISH = "republish"  # publish the chain from `stage` with `payload`
     DELIVER = "deliver"  # publish a callback attempt
-    FAILED = "failed"  # the run was ended (`stalled`, or completed if published): its callback is in the outbox
+    FAILED = "failed"  # the run was ended (`stalled`, completed if published, or a pending cancel): queue its callback
 
 
 @dataclass(frozen=True)
@@ -188,20 +218,29 @@ class Lifecycle:
             if new_rank < here:
                 return Gone(f"run already at {r.stage.value if r.stage else r.status.value}"), None
             if new_rank == here:
-                if r.handed_off:
+                if r.handed_off and not r.cancel_requested:
                     nxt = STAGE_ORDER.index(stage) + 1
                     if nxt < len(STAGE_ORDER) and r.payload is not None:
                         return Forward(STAGE_ORDER[nxt], r.payload), None
                     return Gone(f"{stage.value} already finished"), None
                 if r.lease_token is not None and r.lease_until > now:
                     return Busy(retry_in=r.lease_until - now), None
+            if r.cancel_requested:  # its holder stopped (died, or handed off) without seeing the cancel
+                return Ended(JobState.CANCELED), self._ended(r, JobState.CANCELED, None, now)
+            deadline = payload.get("deadline")
+            if stage in BEFORE_MODEL and new_rank > here and isinstance(deadline, int | float) and now > deadline:
+                error = ErrorInfo(
+                    code="expired",
+                    message=f"the job's deadline passed {now - deadline:.0f} s before its segmentation could start",
+                )
+                return Ended(JobState.FAILED, error), self._ended(r, JobState.FAILED, error, now)
             takeovers = r.takeovers + 1 if new_rank == here and r.lease_token is not None else 0
             if takeovers >= self.settings.task_max_receive_count:
                 error = ErrorInfo(
                     code="worker_lost",
                     message=f"{stage.value} killed its worker on each of {takeovers} tries (out of memory?)",
                 )
-                return Ended(error), self._ended(r, JobState.FAILED, error, now)
+                return Ended(JobState.FAILED, error), self._ended(r, JobState.FAILED, error, now)
             token = secrets.token_hex(8)
             until = now + self.lease
             same_stage = new_rank == here
@@ -252,14 +291,17 @@ class Lifecycle:
         released, _ = self._transition(uuid, decide)
         return bool(released)
 
-    def hand_off(self, uuid: str, run_id: str, token: str, next_payload: dict[str, Any]) -> bool:
+    def hand_off(self, uuid: str, run_id: str, token: str, next_payload: dict[str, Any]) -> Step:
         """The holder finished its stage: the run waits for the next stage (up to SAMSEG_STALE_RUN_SECONDS in a
-        queue's backlog before the sweeper republishes it). False: the lease was lost — publish nothing."""
+        queue's backlog before the sweeper republishes it). LOST: the lease was lost — publish nothing;
+        CANCELED: a cancel was pending, the run ended `canceled` instead — queue its callback, publish nothing."""
 
-        def decide(r: JobRecord, now: float) -> tuple[bool, JobRecord | None]:
+        def decide(r: JobRecord, now: float) -> tuple[Step, JobRecord | None]:
             if r.run_id != run_id or r.lease_token != token or r.terminal:
-                return False, None
-            return True, replace(
+                return Step.LOST, None
+            if r.cancel_requested:
+                return Step.CANCELED, self._ended(r, JobState.CANCELED, None, now)
+            return Step.DONE, replace(
                 r,
                 lease_token=None,
                 lease_until=0.0,
@@ -268,21 +310,64 @@ class Lifecycle:
                 sweep_due=now + self.jobs.stale_after_seconds,
             )
 
-        done, _ = self._transition(uuid, decide)
-        log.info("lifecycle_handed_off" if done else "lifecycle_hand_off_refused", job_uuid=uuid, run_id=run_id)
-        return bool(done)
+        step, _ = self._transition(uuid, decide)
+        step = Step.LOST if step is None else step
+        log.info("lifecycle_hand_off", job_uuid=uuid, run_id=run_id, step=step.value)
+        return Step(step)
 
-    def complete(self, uuid: str, run_id: str, token: str) -> bool:
-        """The notify stage's holder ends the run `completed` and opens its callback outbox, in one write."""
+    def complete(self, uuid: str, run_id: str, token: str) -> Step:
+        """The notify stage's holder ends the run `completed` and opens its callback outbox, in one write
+        (`canceled` instead if a cancel reached the run first)."""
 
-        def decide(r: JobRecord, now: float) -> tuple[bool, JobRecord | None]:
+        def decide(r: JobRecord, now: float) -> tuple[Step, JobRecord | None]:
             if r.run_id != run_id or r.lease_token != token or r.terminal:
-                return False, None
-            return True, self._ended(r, JobState.COMPLETED, None, now)
+                return Step.LOST, None
+            if r.cancel_requested:
+                return Step.CANCELED, self._ended(r, JobState.CANCELED, None, now)
+            return Step.DONE, self._ended(r, JobState.COMPLETED, None, now)
 
-        done, _ = self._transition(uuid, decide)
-        log.info("lifecycle_completed" if done else "lifecycle_complete_refused", job_uuid=uuid, run_id=run_id)
-        return bool(done)
+        step, _ = self._transition(uuid, decide)
+        step = Step.LOST if step is None else step
+        log.info("lifecycle_complete", job_uuid=uuid, run_id=run_id, step=step.value)
+        return Step(step)
+
+    def end_canceled(self, uuid: str, run_id: str, token: str) -> Step:
+        """The holder saw the pending cancel in the middle of its work (samseg.core.errors.JobCanceled): end the
+        run `canceled` and open its outbox. LOST: it no longer holds the run (another copy will end it)."""
+
+        def decide(r: JobRecord, now: float) -> tuple[Step, JobRecord | None]:
+            if r.run_id != run_id or r.lease_token != token or r.terminal:
+                return Step.LOST, None
+            return Step.CANCELED, self._ended(r, JobState.CANCELED, None, now)
+
+        step, _ = self._transition(uuid, decide)
+        return Step.LOST if step is None else Step(step)
+
+    def cancel(self, uuid: str) -> tuple[CancelOutcome, JobRecord | None]:
+        """Cancel the job's current run (DELETE /jobs/{uuid}, or a cancel message): one conditional write.
+
+        A run no stage holds (queued, between stages, or its holder's lease ran out) ends `canceled` now, its
+        callback queued in the same write. A run a stage holds is marked `cancel_requested`: only the holder
+        may end it (at its next boundary: the segmenter checks between decoder batches), so a `running` event
+        it is sending never arrives after the terminal callback; if the holder dies, the copy that takes over
+        (or the sweeper) ends it. Returns the outcome and the record as written (or as found).
+        """
+
+        def decide(r: JobRecord, now: float) -> tuple[CancelOutcome, JobRecord | None]:
+            if r.terminal:
+                return CancelOutcome.TERMINAL, None
+            if r.lease_token is not None and r.lease_until > now:
+                if r.cancel_requested:
+                    return CancelOutcome.REQUESTED, None
+                # The sweeper looks once the lease would run out: a holder that died never saw the cancel.
+                return CancelOutcome.REQUESTED, replace(r, cancel_requested=True, sweep_due=r.lease_until + self.grace)
+            return CancelOutcome.CANCELED, self._ended(r, JobState.CANCELED, None, now)
+
+        outcome, written = self._transition(uuid, decide)
+        if outcome is None:
+            return CancelOutcome.UNKNOWN, None
+        log.info("lifecycle_cancel", job_uuid=uuid, outcome=outcome.value)
+        return CancelOutcome(outcome), written or self.jobs.get(uuid)
 
     def fail(
         self,
@@ -317,6 +402,8 @@ class Lifecycle:
                 return False, None
             if published(r) and not result_missing:
                 return False, None
+            if r.cancel_requested:  # the app server asked to stop: it hears `canceled`, not why the stage failed
+                return True, self._ended(r, JobState.CANCELED, None, now)
             return True, self._ended(r, JobState.FAILED, error, now)
 
         done, _ = self._transition(uuid, decide)
@@ -354,6 +441,7 @@ class Lifecycle:
             lease_token=None,
             lease_until=0.0,
             handed_off=False,
+            cancel_requested=False,
             callback=outbox,
             sweep_due=now + self.grace,
         )
@@ -448,6 +536,9 @@ class Lifecycle:
                 return None, None  # the index lagged, or someone acted meanwhile
             if r.terminal:
                 return self._sweep_outbox(r, now)
+            if r.cancel_requested and not (r.lease_token is not None and r.lease_until > now):
+                # Its holder stopped without ending it (died): the cancel ends it now.
+                return SweepAction(SweepKind.FAILED, r.uuid, run_id), self._ended(r, JobState.CANCELED, None, now)
             republish = self._stuck_stage(r, now)
             if republish is None:
                 return None, None

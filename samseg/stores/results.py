@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from samseg.core.contracts import BBox, CallbackBody, Point, Segment
 from samseg.core.errors import JobError
 from samseg.core.masks import PackedMasks, encode_packed_png, mask_filename, packed_geometry
@@ -59,8 +61,15 @@ def completed_body(
     return CallbackBody(uuid=uuid, status="completed", segments=segments, image_width=masks.width, image_height=height)
 
 
-def write_result(blobs: BlobStore, prefix: str, masks: PackedMasks, body: CallbackBody) -> None:
-    """The masks as PNGs (encoded and uploaded concurrently, a few at a time), then result.json, last."""
+def write_result(
+    blobs: BlobStore,
+    prefix: str,
+    masks: PackedMasks,
+    body: BaseModel,
+    write_outputs: Callable[[], None] | None = None,
+) -> None:
+    """The masks as PNGs (encoded and uploaded concurrently, a few at a time), the job-level outputs, then
+    result.json (a CallbackBody or a ResultDocument), last."""
 
     def uploads() -> Iterator[Upload]:
         for index in range(len(masks)):
@@ -71,6 +80,8 @@ def write_result(blobs: BlobStore, prefix: str, masks: PackedMasks, body: Callba
             )
 
     blobs.put_many(uploads())
+    if write_outputs is not None:
+        write_outputs()
     blobs.put(f"{prefix}{RESULT_FILE}", body.model_dump_json(exclude_none=True).encode(), "application/json")
 
 

@@ -67,6 +67,12 @@ def webhook_id_for(uuid: str, run_id: str) -> str:
     return webhook_id
 
 
+def event_webhook_id(uuid: str, run_id: str, event: str) -> str:
+    """The `webhook-id` of a progress event of one run (`{uuid}.{run_id}.{event}`): distinct from the run's
+    terminal callback, the same for every resend of that event."""
+    return f"{webhook_id_for(uuid, run_id)}.{event}"
+
+
 def is_loopback_url(url: str) -> bool:
     host = (urlsplit(url).hostname or "").lower()
     if host == "localhost" or host.endswith(".localhost"):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from billiard.exceptions import TimeLimitExceeded
@@ -28,7 +29,7 @@ from samseg.core.settings import Settings, get_settings
 from samseg.ops.scratch import scratch_prefix
 from samseg.stores import Stores, build_stores
 from samseg.stores.layout import work_key
-from samseg.stores.lifecycle import Busy, Ended, Forward, Hold, Lifecycle
+from samseg.stores.lifecycle import Busy, Ended, Forward, Hold, Lifecycle, Step
 from samseg.worker.chain import chain_from, queue_delivery
 from samseg.worker.leases import HeldLease, LeaseKeeper
 
@@ -120,8 +121,10 @@ class StageTask(Task):  # type: ignore[misc]
             # The retry carries the chain on (request.chain): this copy may be the one that finishes the stage.
             raise self.retry(countdown=min(60.0, outcome.retry_in + 1), max_retries=None)
         if isinstance(outcome, Ended):
-            queue_delivery(self.app, job["uuid"], job["run_id"])  # the run was failed `worker_lost` in that write
-            log.error("stage_poison", stage=stage.value, code=outcome.error.code, error=outcome.error.message)
+            # The run was ended in that write (worker_lost, expired, or a pending cancel): send its callback.
+            queue_delivery(self.app, job["uuid"], job["run_id"])
+            code = outcome.error.code if outcome.error else None
+            log.warning("stage_ended_run", stage=stage.value, status=outcome.state.value, code=code)
         if isinstance(outcome, Forward):
             # The stage was done but its next message may be lost: publish it again (its lease stops a duplicate).
             chain_from(self.app, outcome.stage, outcome.payload).apply_async()
@@ -130,11 +133,43 @@ class StageTask(Task):  # type: ignore[misc]
         raise Ignore()
 
     def hand_off(self, lease: HeldLease, next_payload: dict[str, Any]) -> dict[str, Any]:
-        """The stage is done: record it (only the lease's holder can), then Celery publishes the next link."""
-        if not self.lifecycle.hand_off(lease.uuid, lease.run_id, lease.token, next_payload):
-            self.request.chain = None  # another copy took the run over: it, not this one, goes on
-            raise Ignore()
+        """The stage is done: record it (only the lease's holder can), then Celery publishes the next link.
+
+        A cancel that reached the run meanwhile ends it `canceled` in that same write: its callback is queued
+        and nothing after this stage is published."""
+        step = self.lifecycle.hand_off(lease.uuid, lease.run_id, lease.token, next_payload)
+        if step is not Step.DONE:
+            self.end_here(lease, step)
         return next_payload
+
+    def end_here(self, lease: HeldLease, step: Step) -> NoReturn:
+        """Stop the chain at this stage: LOST (another copy took the run over: it, not this one, goes on) or
+        CANCELED (the run was ended `canceled` by this copy's write: queue its callback)."""
+        self.request.chain = None
+        if step is Step.CANCELED:
+            queue_delivery(self.app, lease.uuid, lease.run_id)
+            log.info("job_canceled", run_id=lease.run_id)
+        raise Ignore()
+
+    def cancel_check(self, lease: HeldLease, every: float = 1.0) -> Callable[[], bool]:
+        """A cheap `should_stop` for long work: True once a cancel was requested for this run (one store read
+        at most every `every` seconds; a store error counts as "not canceled" — the work goes on)."""
+        jobs = self.stores.jobs
+        last = [0.0, False]
+
+        def should_stop() -> bool:
+            now = time.monotonic()
+            if now - last[0] >= every:
+                last[0] = now
+                try:
+                    record = jobs.get(lease.uuid)
+                except Exception as exc:
+                    log.info("cancel_check_failed", error=repr(exc)[:200])
+                    return False
+                last[1] = record is not None and record.run_id == lease.run_id and record.cancel_requested
+            return bool(last[1])
+
+        return should_stop
 
     @contextmanager
     def scratch(self) -> Iterator[Path]:

@@ -33,14 +33,21 @@ def task_id(uuid: str, task_name: str) -> str:
     return f"{uuid}.{task_name.removeprefix('samseg.')}"
 
 
-def first_payload(job: JobMessage) -> dict[str, Any]:
-    """The download stage's input, without the run id (the job store adds it when the run is claimed)."""
-    return {"uuid": job.uuid, "image_url": job.image_url}
+def first_payload(job: JobMessage, deadline: float | None = None) -> dict[str, Any]:
+    """The download stage's input, without the run id (the job store adds it when the run is claimed).
+
+    The job's optional fields ride along only when set (`options` as sent, `outputs`, `events`, and the
+    `deadline` computed from `ttl_seconds`), so a plain job's messages are exactly what they always were.
+    """
+    payload: dict[str, Any] = job.model_dump(include={"uuid", "image_url", "options", "outputs", "events"})
+    if deadline is not None:
+        payload["deadline"] = deadline
+    return payload
 
 
-def build_chain(app: Celery, job: JobMessage, run_id: str) -> Any:
+def build_chain(app: Celery, job: JobMessage, run_id: str, deadline: float | None = None) -> Any:
     """The four stages of one run, each with a deterministic task id, and the errback that ends a failed run."""
-    return chain_from(app, Stage.DOWNLOAD, {**first_payload(job), "run_id": run_id})
+    return chain_from(app, Stage.DOWNLOAD, {**first_payload(job, deadline), "run_id": run_id})
 
 
 def chain_from(app: Celery, stage: Stage, payload: dict[str, Any]) -> Any:

@@ -12,6 +12,7 @@ the reason; if a safe uuid can still be read from them, that job also gets a `fa
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import structlog
@@ -20,23 +21,33 @@ from kombu import Consumer, Queue
 from kombu.message import Message
 from pydantic import ValidationError
 
-from samseg.core.contracts import UUID_PATTERN, ErrorInfo, JobMessage
+from samseg.core.contracts import UUID_PATTERN, CancelMessage, ErrorInfo, JobMessage, parse_message
 from samseg.core.logs import bind_job, redact_text, redact_url, unbind_job
-from samseg.core.options import not_yet_honoured
+from samseg.core.options import fingerprint, job_deadline
 from samseg.core.settings import Settings, get_settings
 from samseg.queue.sqs import JobQueues
 from samseg.stores import Stores, build_stores
 from samseg.stores.jobs import PUBLISH_LEASE_SECONDS, Decision
+from samseg.stores.lifecycle import CancelOutcome, Lifecycle
 from samseg.worker.chain import build_chain, first_payload, queue_delivery
 
 log = structlog.get_logger(__name__)
 
 
+# The job message's optional fields: a message whose only problems are in these fails `invalid_options`.
+OPTION_FIELDS = frozenset({"options", "outputs", "ttl_seconds", "events"})
+# A cancel for a uuid with no record may have overtaken its job (a standard SQS queue does not keep order):
+# it is handed back this many times, a minute apart, before it is dead-lettered.
+CANCEL_UNKNOWN_RECEIVES = 3
+CANCEL_UNKNOWN_DELAY = 60
+
+
 class InvalidJob(ValueError):
-    def __init__(self, reason: str, uuid: str | None) -> None:
+    def __init__(self, reason: str, uuid: str | None, code: str = "invalid_job") -> None:
         super().__init__(reason)
         self.reason = reason
         self.uuid = uuid
+        self.code = code
 
 
 def raw_body(body: Any, message: Message) -> str:
@@ -51,8 +62,10 @@ def raw_body(body: Any, message: Message) -> str:
     return body if isinstance(body, str) else json.dumps(body)
 
 
-def parse_job(raw: str) -> JobMessage:
-    """Validate one ingress body; InvalidJob says why and carries the uuid if one can be trusted."""
+def parse_job(raw: str, max_points_per_side: int | None = None) -> JobMessage | CancelMessage:
+    """Validate one ingress body (a job, or a cancel); InvalidJob says why and carries the uuid if one can be
+    trusted. Errors only in the optional fields (`options`, `outputs`, `ttl_seconds`, `events`, or more points
+    per side than this server allows) are `invalid_options`; the message names each field."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -64,14 +77,15 @@ def parse_job(raw: str) -> JobMessage:
     candidate = data.get("uuid")
     uuid = candidate if isinstance(candidate, str) and UUID_PATTERN.fullmatch(candidate) else None
     try:
-        job = JobMessage.model_validate(data)
+        return parse_message(data, max_points_per_side=max_points_per_side)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        if "action" in data:
+            raise InvalidJob(f"invalid cancel: {problems}", None) from exc
+        only_options = all(e["loc"] and e["loc"][0] in OPTION_FIELDS for e in exc.errors())
+        if only_options:
+            raise InvalidJob(f"invalid options: {problems}", uuid, "invalid_options") from exc
         raise InvalidJob(f"invalid job: {problems}", uuid) from exc
-    unsupported = not_yet_honoured(job)
-    if unsupported:
-        raise InvalidJob(f"not supported by this samseg version yet: {', '.join(unsupported)}", uuid)
-    return job
 
 
 class IngressHandler:
@@ -88,13 +102,16 @@ class IngressHandler:
         sqs_message = (message.delivery_info or {}).get("sqs_message") or {}
         message_id = sqs_message.get("MessageId")
         try:
-            job = parse_job(raw)
+            job = parse_job(raw, self.settings.job_max_points_per_side)
         except InvalidJob as bad:
             self._reject(bad, raw, message_id, message)
             return
         bind_job(job.uuid, "ingress")
         try:
-            self._accept(job, message_id, message)
+            if isinstance(job, CancelMessage):
+                self._cancel(job, raw, sqs_message, message)
+            else:
+                self._accept(job, sent_at(sqs_message), message_id, raw, message)
         except Exception as exc:  # SQS or the job store unreachable: keep the message, it comes back later
             receives = int((sqs_message.get("Attributes") or {}).get("ApproximateReceiveCount") or 1)
             delay = retry_delay(receives)
@@ -103,13 +120,31 @@ class IngressHandler:
         finally:
             unbind_job()
 
-    def _accept(self, job: JobMessage, message_id: str | None, message: Message) -> None:
-        claim = self.stores.jobs.claim(job.uuid, message_id, payload=first_payload(job))
+    def _accept(self, job: JobMessage, sent: float, message_id: str | None, raw: str, message: Message) -> None:
+        deadline = job_deadline(job, sent, self.settings)
+        claim = self.stores.jobs.claim(
+            job.uuid, message_id, payload=first_payload(job, deadline), fingerprint=fingerprint(job)
+        )
         if claim.decision is Decision.BUSY:
             # The same SQS message is being published by another consumer right now (SQS delivered it twice):
             # look again once that consumer's lease is over, in case it died before publishing.
             log.info("job_delivery_busy", message_id=message_id, run_id=claim.record.run_id)
             self._release(message, int(PUBLISH_LEASE_SECONDS))
+            return
+        if claim.decision is Decision.CONFLICT:
+            # Another body for a uuid whose run is active: kept for a human, the active run untouched.
+            state = claim.record.status.value
+            reason = f"uuid_conflict: job {job.uuid} is {state} with another image_url/options/outputs"
+            log.warning("job_uuid_conflict", run_id=claim.record.run_id, message_id=message_id)
+            self.queues.dead_letter(raw, reason, message_id)
+            message.ack()
+            return
+        if claim.decision is Decision.REDELIVER:
+            # The same job again after it completed: the same callback (body and webhook-id), no model run.
+            assert claim.record.run_id is not None
+            queue_delivery(self.app, job.uuid, claim.record.run_id)
+            log.info("job_callback_redelivered", run_id=claim.record.run_id, message_id=message_id)
+            message.ack()
             return
         if claim.decision is not Decision.RUN:
             log.info(
@@ -120,10 +155,28 @@ class IngressHandler:
             )
             message.ack()
             return
-        build_chain(self.app, job, claim.run_id).apply_async()
+        build_chain(self.app, job, claim.run_id, deadline).apply_async()
         self.stores.jobs.mark_published(job.uuid, claim.run_id)
         message.ack()
         log.info("job_accepted", image_url=redact_url(job.image_url), message_id=message_id, run_id=claim.run_id)
+
+    def _cancel(self, cancel: CancelMessage, raw: str, sqs_message: dict[str, Any], message: Message) -> None:
+        """A cancel message: the same conditional write as DELETE /jobs/{uuid} (Lifecycle.cancel)."""
+        outcome, record = Lifecycle(self.stores.jobs, self.settings).cancel(cancel.uuid)
+        if outcome is CancelOutcome.UNKNOWN:
+            receives = int((sqs_message.get("Attributes") or {}).get("ApproximateReceiveCount") or 1)
+            if receives < CANCEL_UNKNOWN_RECEIVES:
+                log.info("cancel_before_its_job", receives=receives, retry_in_seconds=CANCEL_UNKNOWN_DELAY)
+                self._release(message, CANCEL_UNKNOWN_DELAY)
+                return
+            reason = f"cancel_unknown_job: no job {cancel.uuid} after {receives} receives"
+            self.queues.dead_letter(raw, reason, sqs_message.get("MessageId"))
+            log.warning("cancel_unknown_job", receives=receives)
+        elif record is not None and record.run_id is not None and record.callback is not None and record.callback.open:
+            # Ended now (or already canceled by DELETE /jobs, which sends this message to get the callback going).
+            queue_delivery(self.app, cancel.uuid, record.run_id)
+        log.info("job_cancel", outcome=outcome.value, status=record.status.value if record else None)
+        message.ack()
 
     def _release(self, message: Message, delay: int) -> None:
         """Hand the message back to SQS, visible again after `delay` seconds (not after its visibility timeout).
@@ -157,7 +210,7 @@ class IngressHandler:
         try:
             self.queues.dead_letter(raw, bad.reason, message_id)
             # A failed run of its own, only if the uuid has no record: a malformed copy never touches a real job.
-            error = ErrorInfo(code="invalid_job", message=bad.reason)
+            error = ErrorInfo(code=bad.code, message=bad.reason)
             record = self.stores.jobs.record_invalid(bad.uuid, error) if bad.uuid else None
             if record is not None and record.run_id:
                 queue_delivery(self.app, record.uuid, record.run_id)
@@ -168,6 +221,16 @@ class IngressHandler:
             message.ack()
         finally:
             unbind_job()
+
+
+def sent_at(sqs_message: dict[str, Any]) -> float:
+    """When the app server sent the message (SQS SentTimestamp, ms), the start of its `ttl_seconds`; now if SQS
+    did not say (a deadline then counts from receipt: later, never sooner)."""
+    stamp = (sqs_message.get("Attributes") or {}).get("SentTimestamp")
+    try:
+        return int(stamp) / 1000.0 if stamp is not None else time.time()
+    except (TypeError, ValueError):
+        return time.time()
 
 
 def retry_delay(receives: int) -> int:

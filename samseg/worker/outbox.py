@@ -56,7 +56,9 @@ def deliver_callback(self: StageTask, uuid: str, run_id: str) -> str:
             outbox = lifecycle.record_attempt(ticket, result)
             log.error("callback_body_missing", run_id=run_id)
             return outbox.state.value if outbox is not None and outbox.state else "lost_marker"
-        body = CallbackBody.model_validate(data)
+        body = CallbackBody.model_validate(data)  # result.json: its rle/polygons/params stay out of the PATCH
+    elif ticket.status is JobState.CANCELED:
+        body = CallbackBody(uuid=uuid, status="canceled", segments=[])
     else:
         body = CallbackBody(uuid=uuid, status="failed", segments=[], error=ticket.error)
     attempt = attempt_callback(body, self.settings, webhook_id=webhook_id_for(uuid, run_id))

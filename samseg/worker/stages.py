@@ -19,15 +19,34 @@ from typing import Any
 import structlog
 from celery import shared_task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from PIL import Image
 
-from samseg.core.contracts import CallbackBody, ErrorInfo, JobState, Stage
-from samseg.core.errors import JobError
+from samseg.core.contracts import (
+    CallbackBody,
+    EffectiveOptions,
+    ErrorInfo,
+    JobOptions,
+    JobState,
+    ModelInfo,
+    OutputKind,
+    ResultDocument,
+    Stage,
+)
+from samseg.core.errors import JobCanceled, JobError
 from samseg.core.masks import PackedMasks
+from samseg.core.options import resolve_options
+from samseg.core.outputs import LABEL_MAP_FILE, OVERLAY_FILE
+from samseg.core.settings import Settings
+from samseg.core.version import samseg_version
 from samseg.ops import metrics
 from samseg.runtime.segmenter import get_segmenter
+from samseg.runtime.weights import checkpoint_sha256
 from samseg.stores.layout import work_key
-from samseg.stores.results import describe_segments, mask_path
+from samseg.stores.lifecycle import Step
+from samseg.stores.outputs import asset_path, result_segments, write_job_outputs
+from samseg.stores.results import RESULT_FILE, describe_segments, mask_path
 from samseg.stores.signed_urls import signed_mask_url
+from samseg.transfer.callbacks import attempt_callback, event_webhook_id
 from samseg.transfer.image_fetch import download_image, load_rgb, probe_image
 from samseg.worker import chain as names
 from samseg.worker.base import StageTask, storage_errors
@@ -37,6 +56,7 @@ log = structlog.get_logger(__name__)
 SOURCE_FILE = "source"
 MASKS_FILE = "masks.npy"
 SCORES_FILE = "scores.json"
+JOB_OUTPUT_FILES: dict[OutputKind, str] = {"label_map": LABEL_MAP_FILE, "overlay": OVERLAY_FILE}
 
 
 @shared_task(name=names.DOWNLOAD, bind=True, base=StageTask, throws=(JobError,))
@@ -50,10 +70,33 @@ def download(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
     return self.hand_off(lease, {**job, "bytes": size})
 
 
+def job_params(job: dict[str, Any], settings: Settings) -> EffectiveOptions:
+    """The options this run uses: the job's own (validated at the ingress), else the server's."""
+    options = JobOptions.model_validate(job["options"]) if job.get("options") else None
+    return resolve_options(options, settings)
+
+
+def send_running_event(job: dict[str, Any], settings: Settings) -> None:
+    """The `running` progress event (`events: ["running"]`): one signed PATCH, its own webhook-id, best effort.
+
+    Sent while this stage holds the run's lease: a cancel meanwhile only marks the run, and the terminal callback
+    is queued only when the holder (this task, after this call returns) or a takeover ends the run, so the event
+    never follows the terminal callback. One attempt, not retried: a progress hint, not an outcome; a segment
+    retried after an outage may send it again with the same webhook-id (the receiver's dedupe key).
+    """
+    uuid, run_id = job["uuid"], job["run_id"]
+    body = CallbackBody(uuid=uuid, status="running")
+    attempt = attempt_callback(body, settings, webhook_id=event_webhook_id(uuid, run_id, "running"))
+    log.info("running_event", delivered=attempt.delivered, http_status=attempt.http_status, error=attempt.error)
+
+
 @shared_task(name=names.SEGMENT, bind=True, base=StageTask, throws=(JobError,))
 def segment(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
     lease = self.hold(job, Stage.SEGMENT)
     settings = self.settings
+    params = job_params(job, settings)
+    if "running" in (job.get("events") or []) and self.request.retries == 0:
+        send_running_event(job, settings)
     with self.scratch() as tmp:
         with storage_errors():
             source = self.fetch_work(job, SOURCE_FILE, tmp / SOURCE_FILE)
@@ -63,7 +106,11 @@ def segment(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
         try:
             # Each mask is bit-packed into the work file as it is produced: peak memory stays one full-resolution
             # mask above the model, not every mask (~4 GB at 40 MP x 100 masks).
-            result = segmenter.segment_packed_with_fallback(image, tmp / MASKS_FILE)
+            result = segmenter.segment_packed_with_fallback(
+                image, tmp / MASKS_FILE, options=params, should_stop=self.cancel_check(lease)
+            )
+        except JobCanceled:
+            self.end_here(lease, self.lifecycle.end_canceled(lease.uuid, lease.run_id, lease.token))
         except (SoftTimeLimitExceeded, JobError):
             raise
         except Exception as exc:  # CUDA OOM, shape errors…: the job fails with the reason, the worker lives
@@ -80,7 +127,7 @@ def segment(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
         seconds=round(result.seconds, 2),
         width=width,
         height=height,
-        points_per_side=settings.amg_points_per_side,
+        points_per_side=params.points_per_side,
         device=segmenter.device,
     )
     return self.hand_off(lease, {**job, "width": width, "height": height, "mask_count": count})
@@ -88,23 +135,53 @@ def segment(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
 
 @shared_task(name=names.PERSIST, bind=True, base=StageTask, throws=(JobError,))
 def persist(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
+    """Publish the run's result: mask PNGs, the outputs it asked for, then result.json (the callback's body).
+
+    result.json is a ResultDocument: the callback's fields (signed URLs fixed here, so every attempt sends
+    the same body), each segment's `rle`/`polygons` when asked, `params`, `outputs`, `model`, `samseg_version`.
+    """
     lease = self.hold(job, Stage.PERSIST)
     uuid, settings = job["uuid"], self.settings
+    params = job_params(job, settings)
+    outputs: list[OutputKind] = list(job.get("outputs") or [])
     started = time.perf_counter()
-    now = time.time()  # one expiry for every signed mask URL of the job
+    now = time.time()  # one expiry for every signed URL of the job
+
+    def url(path: str) -> str:
+        return signed_mask_url(settings.public_base_url, path, settings, now)
+
     with self.scratch() as tmp, storage_errors():
         masks = PackedMasks(self.fetch_work(job, MASKS_FILE, tmp / MASKS_FILE), job["width"])
         scores = json.loads(self.fetch_work(job, SCORES_FILE, tmp / SCORES_FILE).read_text())
         segments = describe_segments(
-            masks,
-            scores["predicted_iou"],
-            scores["stability_score"],
-            lambda i: signed_mask_url(settings.public_base_url, mask_path(uuid, i), settings, now),
+            masks, scores["predicted_iou"], scores["stability_score"], lambda i: url(mask_path(uuid, i))
         )
-        body = CallbackBody(
-            uuid=uuid, status="completed", segments=segments, image_width=job["width"], image_height=job["height"]
+        source = self.fetch_work(job, SOURCE_FILE, tmp / SOURCE_FILE) if "overlay" in outputs else None
+        document = ResultDocument(
+            uuid=uuid,
+            status="completed",
+            segments=result_segments(masks, segments, outputs, params, settings.polygon_max_vertices),
+            image_width=job["width"],
+            image_height=job["height"],
+            result_url=url(asset_path(uuid, RESULT_FILE)),
+            label_map_url=url(asset_path(uuid, LABEL_MAP_FILE)) if "label_map" in outputs else None,
+            overlay_url=url(asset_path(uuid, OVERLAY_FILE)) if "overlay" in outputs else None,
+            params=params,
+            outputs=outputs,
+            model=ModelInfo(config=settings.sam2_model, checkpoint_sha256=checkpoint_sha256(settings.checkpoint_path)),
+            samseg_version=samseg_version(),
         )
-        self.stores.assets.publish(uuid, masks, body)
+
+        def write_outputs() -> None:
+            def image() -> Image.Image:
+                assert source is not None
+                return Image.fromarray(load_rgb(source, settings))
+
+            areas = [s.area for s in segments]
+            write_job_outputs(self.stores.blobs, uuid, masks, areas, outputs, image if source else None)
+
+        written = tuple(name for kind, name in JOB_OUTPUT_FILES.items() if kind in outputs)
+        self.stores.assets.publish(uuid, masks, document, write_outputs, written)
         self.stores.assets.discard_work(uuid, job["run_id"])
     metrics.instruments().masks_per_job.observe(len(segments))
     log.info("masks_persisted", masks=len(segments), seconds=round(time.perf_counter() - started, 3))
@@ -127,13 +204,14 @@ def notify(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
     lease = self.hold(job, Stage.NOTIFY)
     if not self.stores.assets.is_published(uuid):
         error = ErrorInfo(code="result_missing", message="the job's result.json is gone (purged?)")
-        ended = self.lifecycle.fail(uuid, run_id, error, token=lease.token, result_missing=True)
+        if not self.lifecycle.fail(uuid, run_id, error, token=lease.token, result_missing=True):
+            raise Ignore()  # another copy took the run over meanwhile: it ends it
         state = JobState.FAILED
     else:
-        ended = self.lifecycle.complete(uuid, run_id, lease.token)
+        step = self.lifecycle.complete(uuid, run_id, lease.token)
+        if step is not Step.DONE:
+            self.end_here(lease, step)  # LOST: another copy ends it; CANCELED: a cancel came first
         state = JobState.COMPLETED
-    if not ended:
-        raise Ignore()  # another copy took the run over meanwhile: it ends it
     metrics.instruments().jobs.labels(state.value).inc()
     names.queue_delivery(self.app, uuid, run_id)
     log.info("job_finished", status=state.value)

@@ -186,6 +186,7 @@ def test_callback_and_result_additions() -> None:
                 {**segment, "rle": CocoRle(size=(3, 4), counts="01;"), "polygons": [[[[0, 0], [1, 0], [1, 1], [0, 0]]]]}
             )
         ],
+        result_url="/assets/j/result.json",
         label_map_url="/assets/j/label_map.png",
         params=server_options(Settings()),
         outputs=["coco_rle", "polygons", "label_map"],
@@ -194,8 +195,10 @@ def test_callback_and_result_additions() -> None:
     )
     data = json.loads(document.model_dump_json(exclude_none=True))
     assert data["segments"][0]["rle"] == {"size": [3, 4], "counts": "01;"}
+    # What the deliver task does with result.json: the CallbackBody fields only, the rest stays in the document.
+    assert CallbackBody.model_validate(data) == document.callback_body()
     assert data["params"]["points_per_side"] == 32 and data["model"]["config"] == "sam2.1_hiera_tiny"
-    body = document.callback_body(result_url="/assets/j/result.json")
+    body = document.callback_body()
     dumped = json.loads(body.model_dump_json(exclude_none=True))
     assert dumped["segments"] == [segment]  # no rle/polygons in the callback
     assert dumped["result_url"] == "/assets/j/result.json" and dumped["label_map_url"] == "/assets/j/label_map.png"

@@ -110,7 +110,30 @@ def test_failed_and_stale_runs_are_taken_over_completed_and_live_ones_are_not(st
     rerun = store.claim("job-t", "m4")
     assert rerun.decision is Decision.RUN and rerun.run_id not in (first.run_id, stale.run_id)
     assert store.advance("job-t", rerun.run_id, JobState.COMPLETED)
-    assert store.claim("job-t", "m5").decision is Decision.DUPLICATE
+    # The same job again after it completed: no new run, the same run's callback again (the re-send rules).
+    again = store.claim("job-t", "m5")
+    assert again.decision is Decision.REDELIVER and again.run_id == rerun.run_id
+    assert again.record.status is JobState.COMPLETED and again.record.callback is not None
+    assert again.record.callback.open  # reopened: the outbox sends the run's body once more
+    assert store.claim("job-t", "m6").decision is Decision.DUPLICATE  # …while that callback is on its way
+
+
+def test_the_resend_rules_follow_the_fingerprint(store):
+    """Same body while active: duplicate; another body while active: conflict (record untouched); same body after
+    completed: redeliver; another body after completed, or anything after failed/canceled: a new run."""
+    now = time.time()
+    first = store.claim("job-r", "m1", now=now, fingerprint="A")
+    assert store.advance("job-r", first.run_id, JobState.RUNNING, Stage.SEGMENT, now=now)
+    before = store.get("job-r")
+    assert store.claim("job-r", "m2", now=now + 1, fingerprint="A").decision is Decision.DUPLICATE
+    conflict = store.claim("job-r", "m3", now=now + 1, fingerprint="B")
+    assert conflict.decision is Decision.CONFLICT and store.get("job-r") == before
+    assert store.advance("job-r", first.run_id, JobState.COMPLETED, now=now + 2)
+    assert store.claim("job-r", "m4", now=now + 3, fingerprint="A").decision is Decision.REDELIVER
+    other = store.claim("job-r", "m5", now=now + 4, fingerprint="B")
+    assert other.decision is Decision.RUN and other.run_id != first.run_id and other.record.fingerprint == "B"
+    assert store.advance("job-r", other.run_id, JobState.CANCELED, now=now + 5)
+    assert store.claim("job-r", "m6", now=now + 6, fingerprint="B").decision is Decision.RUN
 
 
 def test_racing_takeovers_of_a_failed_run_give_one_new_run(store):

@@ -14,7 +14,18 @@ import pytest
 
 from samseg.core.contracts import ErrorInfo, JobState, OutboxState, Stage
 from samseg.stores.jobs import PUBLISH_LEASE_SECONDS, Decision, JobStore
-from samseg.stores.lifecycle import AttemptResult, Busy, Ended, Forward, Gone, Hold, Lifecycle, SweepKind
+from samseg.stores.lifecycle import (
+    AttemptResult,
+    Busy,
+    CancelOutcome,
+    Ended,
+    Forward,
+    Gone,
+    Hold,
+    Lifecycle,
+    Step,
+    SweepKind,
+)
 from samseg.stores.sql_jobs import SqlJobs
 from tests.lifecycle_machine import GRACE, LEASE, STALE, make_settings
 
@@ -251,3 +262,96 @@ def test_a_released_lease_is_not_counted_as_a_death(life: Lifecycle, clock: Cloc
         hold = life.start_stage("job", run, Stage.DOWNLOAD, {"uuid": "job", "run_id": run})
         assert isinstance(hold, Hold)
         assert life.release("job", run, hold.token)  # a retry after an outage gives the lease back
+
+
+# --- issue 16: cancel and deadlines, as lifecycle transitions ------------------------------------------------
+def test_a_queued_job_is_canceled_at_once_and_its_stages_then_end_quietly(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    outcome, record = life.cancel("job")
+    assert outcome is CancelOutcome.CANCELED and record is not None and record.status is JobState.CANCELED
+    assert record.callback is not None and record.callback.state is OutboxState.PENDING  # queued in the same write
+    assert isinstance(life.start_stage("job", run, Stage.DOWNLOAD, {"uuid": "job", "run_id": run}), Gone)
+    again, _ = life.cancel("job")
+    assert again is CancelOutcome.TERMINAL  # DELETE answers 409
+    assert life.cancel("nobody")[0] is CancelOutcome.UNKNOWN
+    ticket = life.begin_send("job", run)
+    assert ticket is not None and ticket.status is JobState.CANCELED
+
+
+def test_a_cancel_reaching_a_held_stage_is_ended_by_its_holder_at_the_next_boundary(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    through(life, "job", run, Stage.DOWNLOAD)
+    hold = life.start_stage("job", run, Stage.SEGMENT, {"uuid": "job", "run_id": run})
+    assert isinstance(hold, Hold)
+    outcome, record = life.cancel("job")
+    assert outcome is CancelOutcome.REQUESTED and record is not None and record.status is JobState.RUNNING
+    assert record.cancel_requested and record.to_status().cancel_requested
+    assert life.cancel("job")[0] is CancelOutcome.REQUESTED  # idempotent
+    assert life.renew("job", run, hold.token)  # the holder keeps its lease until it looks
+    assert life.hand_off("job", run, hold.token, {"uuid": "job", "run_id": run}) is Step.CANCELED
+    final = life.jobs.get("job")
+    assert final is not None and final.status is JobState.CANCELED and not final.cancel_requested
+    assert final.callback is not None and final.callback.open
+
+
+def test_a_holder_that_sees_the_cancel_mid_work_ends_the_run(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    through(life, "job", run, Stage.DOWNLOAD)
+    hold = life.start_stage("job", run, Stage.SEGMENT, {"uuid": "job", "run_id": run})
+    assert isinstance(hold, Hold)
+    life.cancel("job")
+    assert life.end_canceled("job", run, "not-the-token") is Step.LOST
+    assert life.end_canceled("job", run, hold.token) is Step.CANCELED
+    assert life.end_canceled("job", run, hold.token) is Step.LOST  # once
+
+
+def test_a_cancel_whose_holder_died_is_ended_by_the_takeover_or_the_sweeper(life: Lifecycle, clock: Clock):
+    for uuid, by in (("job-t", "takeover"), ("job-s", "sweeper")):
+        run = started(life, clock, uuid)
+        through(life, uuid, run, Stage.DOWNLOAD)
+        assert isinstance(life.start_stage(uuid, run, Stage.SEGMENT, {"uuid": uuid, "run_id": run}), Hold)
+        assert life.cancel(uuid)[0] is CancelOutcome.REQUESTED
+        clock.now += LEASE + 1  # the holder died without looking
+        if by == "takeover":
+            outcome = life.start_stage(uuid, run, Stage.SEGMENT, {"uuid": uuid, "run_id": run})
+            assert isinstance(outcome, Ended) and outcome.state is JobState.CANCELED and outcome.error is None
+        else:
+            clock.now += GRACE + 1
+            actions = [a for a in life.sweep() if a.uuid == uuid]
+            assert [a.kind for a in actions] == [SweepKind.FAILED]  # ended: its callback is queued
+        record = life.jobs.get(uuid)
+        assert record is not None and record.status is JobState.CANCELED, by
+
+
+def test_notify_after_a_cancel_ends_canceled_not_completed(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    through(life, "job", run, Stage.DOWNLOAD, Stage.SEGMENT, Stage.PERSIST)
+    hold = life.start_stage("job", run, Stage.NOTIFY, {"uuid": "job", "run_id": run})
+    assert isinstance(hold, Hold)
+    life.cancel("job")
+    assert life.complete("job", run, hold.token) is Step.CANCELED
+    record = life.jobs.get("job")
+    assert record is not None and record.status is JobState.CANCELED
+
+
+def test_a_job_past_its_deadline_fails_expired_before_the_model_runs(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    payload = {"uuid": "job", "run_id": run, "deadline": clock.now + 30}
+    hold = life.start_stage("job", run, Stage.DOWNLOAD, payload)
+    assert isinstance(hold, Hold)
+    assert life.hand_off("job", run, hold.token, payload)
+    clock.now += 31  # the segment message waited in a backlog
+    outcome = life.start_stage("job", run, Stage.SEGMENT, payload)
+    assert isinstance(outcome, Ended) and outcome.state is JobState.FAILED
+    assert outcome.error is not None and outcome.error.code == "expired"
+    record = life.jobs.get("job")
+    assert record is not None and record.status is JobState.FAILED and record.callback is not None
+
+
+def test_a_deadline_does_not_stop_a_segmentation_that_already_started(life: Lifecycle, clock: Clock):
+    run = started(life, clock)
+    payload = {"uuid": "job", "run_id": run, "deadline": clock.now + 30}
+    through(life, "job", run, Stage.DOWNLOAD)
+    assert isinstance(life.start_stage("job", run, Stage.SEGMENT, payload), Hold)
+    clock.now += LEASE + 1  # its worker died after the deadline: the takeover re-runs it (it had started)
+    assert isinstance(life.start_stage("job", run, Stage.SEGMENT, payload), Hold)

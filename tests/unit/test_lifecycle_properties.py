@@ -70,3 +70,41 @@ def test_the_machine_catches_a_broken_lifecycle(tmp_path: Path, monkeypatch: pyt
         run_state_machine_as_test(
             Broken, settings=settings(MACHINE_SETTINGS, max_examples=300, database=None, phases=[Phase.generate])
         )
+
+
+@pytest.mark.parametrize("broken", ["hand_off_ignores_cancel", "segment_ignores_deadline"])
+def test_the_machine_catches_a_lifecycle_that_drops_a_cancel_or_a_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str
+) -> None:
+    """The issue-16 properties can fail too: a hand-off that ignores a pending cancel (the run completes after the
+    app server canceled it), or a stage start that ignores the deadline (the model runs for an expired job)."""
+    from dataclasses import replace
+
+    from samseg.stores import lifecycle
+
+    if broken == "hand_off_ignores_cancel":
+        original_hand_off = lifecycle.Lifecycle.hand_off
+
+        def hand_off(self, uuid, run_id, token, next_payload):  # type: ignore[no-untyped-def]
+            record = self.jobs.get(uuid)
+            if record is not None and record.cancel_requested:
+                self.jobs.backend.swap(
+                    record.version, replace(record, cancel_requested=False, version=record.version + 1)
+                )
+            return original_hand_off(self, uuid, run_id, token, next_payload)
+
+        monkeypatch.setattr(lifecycle.Lifecycle, "hand_off", hand_off)
+    else:
+        monkeypatch.setattr(lifecycle, "BEFORE_MODEL", frozenset())
+    databases = iter(range(10**9))
+
+    class Broken(LifecycleMachine):
+        def make_backend(self) -> SqlJobs:  # type: ignore[override]
+            backend = SqlJobs(tmp_path / f"broken-{next(databases)}.sqlite", 14 * 86400)
+            backend.ensure()
+            return backend
+
+    with pytest.raises(AssertionError, match=r"cancel|deadline"):
+        run_state_machine_as_test(
+            Broken, settings=settings(MACHINE_SETTINGS, max_examples=300, database=None, phases=[Phase.generate])
+        )
