@@ -46,12 +46,12 @@ def submit_job(
         detail = f"job {job.uuid} is {current.status.value} with another image_url/options/outputs"
         raise HTTPException(409, detail=detail)
     try:
-        queues.send_job(job.model_dump())
+        message_id = queues.send_job(job.model_dump())
     except Exception as exc:
         log.error("submit_failed", job_uuid=job.uuid, error=repr(exc))
         raise HTTPException(503, detail="the jobs queue is unreachable; try again") from exc
-    try:
-        stores.jobs.create_queued(job.uuid)  # only if the job has no record: never resets a started job
+    try:  # only if the job has no record: never resets a started job
+        stores.jobs.create_queued(job.uuid, message_id=message_id, fingerprint=fingerprint(job))
     except Exception as exc:  # the message is on its way; the ingress writes the record when it takes it
         log.warning("job_placeholder_not_written", job_uuid=job.uuid, error=repr(exc))
     return JobAccepted(uuid=job.uuid, status_url=str(request.url_for("job_status", uuid=job.uuid)))

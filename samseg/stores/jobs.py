@@ -230,10 +230,23 @@ class JobStore:
         record = self.backend.get(uuid)
         return record.to_status() if record else None
 
-    def create_queued(self, uuid: str, now: float | None = None) -> bool:
-        """POST /jobs: a placeholder so the job is visible at once; never overwrites an existing record."""
+    def create_queued(
+        self, uuid: str, now: float | None = None, message_id: str | None = None, fingerprint: str | None = None
+    ) -> bool:
+        """POST /jobs: a placeholder so the job is visible at once; never overwrites an existing record.
+
+        `message_id` is the SQS message POST /jobs sent: if the job is canceled before the ingress takes that
+        message, the message finds its own canceled placeholder and is dropped, not run."""
         now = time.time() if now is None else now
-        return self.backend.insert(JobRecord(uuid=uuid, status=JobState.QUEUED, stage=None, updated_at=now))
+        placeholder = JobRecord(
+            uuid=uuid,
+            status=JobState.QUEUED,
+            stage=None,
+            updated_at=now,
+            message_id=message_id,
+            fingerprint=fingerprint,
+        )
+        return self.backend.insert(placeholder)
 
     def claim(
         self,
@@ -286,6 +299,8 @@ class JobStore:
         without running the model; after `failed`/`canceled`, or another body after `completed`, a new run.
         """
         take_over = replace(fresh, version=current.version + 1)
+        if fresh.message_id is not None and current.message_id == fresh.message_id and current.terminal:
+            return Decision.DUPLICATE, None  # this very message's job was canceled before it started (POST /jobs)
         if current.run_id is None:  # POST /jobs placeholder: no run yet
             return Decision.RUN, take_over
         if fresh.message_id is not None and current.message_id == fresh.message_id:

@@ -361,6 +361,8 @@ class Lifecycle:
                     return CancelOutcome.REQUESTED, None
                 # The sweeper looks once the lease would run out: a holder that died never saw the cancel.
                 return CancelOutcome.REQUESTED, replace(r, cancel_requested=True, sweep_due=r.lease_until + self.grace)
+            if r.run_id is None:  # a POST /jobs placeholder: the canceled run needs an id for its webhook-id
+                r = replace(r, run_id=secrets.token_hex(6), claimed_at=now)
             return CancelOutcome.CANCELED, self._ended(r, JobState.CANCELED, None, now)
 
         outcome, written = self._transition(uuid, decide)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from samseg.core.contracts import JobMessage
+from samseg.core.contracts import CancelMessage, JobMessage
 from samseg.worker.ingress import InvalidJob, parse_job, raw_body
 
 UUID = "6f1c2d3e-4a5b-4c6d-8e7f-0123456789ab"
@@ -178,24 +178,58 @@ def test_raw_body_falls_back_to_the_decoded_body(delivery_info):
 
 
 @pytest.mark.parametrize(
-    ("extra", "named"),
+    "extra",
     [
-        ({"options": {"points_per_side": 16}}, "options"),
-        ({"outputs": ["coco_rle"]}, "outputs"),
-        ({"ttl_seconds": 60}, "ttl_seconds"),
-        ({"events": ["running"]}, "events"),
+        {"options": {"points_per_side": 16, "sort_by": "predicted_iou"}},
+        {"outputs": ["coco_rle", "label_map"]},
+        {"ttl_seconds": 60},
+        {"events": ["running"]},
     ],
 )
-def test_per_job_fields_not_carried_out_yet_are_refused_by_name(extra: dict[str, object], named: str) -> None:
-    """A valid job that sets a field this version does not carry out is refused, the field named, with its uuid
-    (so it gets a `failed` callback) — never run as if the field were not there."""
-    with pytest.raises(InvalidJob) as refused:
-        parse_job(json.dumps({"uuid": "opt-1", "image_url": "https://example.com/a.png", **extra}))
-    assert named in refused.value.reason and "not supported" in refused.value.reason
-    assert refused.value.uuid == "opt-1"
+def test_per_job_fields_are_carried_in_the_job(extra: dict[str, object]) -> None:
+    job = parse_job(json.dumps({"uuid": "opt-1", "image_url": "https://example.com/a.png", **extra}))
+    assert isinstance(job, JobMessage)
+    assert {key: value for key, value in job.model_dump().items() if key in extra} == extra
 
 
-def test_an_invalid_option_is_named_before_anything_else() -> None:
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"options": {"points_per_side": 2}}, "options.points_per_side"),
+        ({"options": {"max_masks": "10"}}, "options.max_masks"),
+        ({"options": {"colour": "red"}}, "options.colour"),
+        ({"outputs": ["zip"]}, "outputs.0"),
+        ({"ttl_seconds": 5}, "ttl_seconds"),
+        ({"events": ["started"]}, "events.0"),
+    ],
+)
+def test_a_bad_optional_field_is_invalid_options_naming_the_field(extra: dict[str, object], field: str) -> None:
+    """Only the optional fields are wrong: `invalid_options` (a `failed` callback with this code), the field named."""
     with pytest.raises(InvalidJob) as refused:
-        parse_job(json.dumps({"uuid": "opt-2", "image_url": "https://x/a.png", "options": {"points_per_side": 2}}))
-    assert "options.points_per_side" in refused.value.reason
+        parse_job(json.dumps({"uuid": "opt-2", "image_url": "https://x/a.png", **extra}))
+    assert refused.value.code == "invalid_options" and refused.value.uuid == "opt-2"
+    assert field in refused.value.reason
+
+
+def test_the_servers_cap_on_points_per_side_is_invalid_options() -> None:
+    body = json.dumps({"uuid": "opt-3", "image_url": "https://x/a.png", "options": {"points_per_side": 48}})
+    assert isinstance(parse_job(body), JobMessage)
+    with pytest.raises(InvalidJob) as refused:
+        parse_job(body, max_points_per_side=32)
+    assert refused.value.code == "invalid_options" and "options.points_per_side" in refused.value.reason
+    assert "at most 32" in refused.value.reason
+
+
+def test_a_bad_required_field_stays_invalid_job_even_with_bad_options() -> None:
+    with pytest.raises(InvalidJob) as refused:
+        parse_job(json.dumps({"uuid": "opt-4", "image_url": "", "options": {"points_per_side": 2}}))
+    assert refused.value.code == "invalid_job"
+    assert "image_url" in refused.value.reason and "options.points_per_side" in refused.value.reason
+
+
+def test_cancel_messages_parse_and_bad_ones_are_named() -> None:
+    cancel = parse_job(json.dumps({"uuid": "c-1", "action": "cancel"}))
+    assert isinstance(cancel, CancelMessage) and cancel.uuid == "c-1"
+    with pytest.raises(InvalidJob) as refused:
+        parse_job(json.dumps({"uuid": "c-1", "action": "pause"}))
+    assert "action" in refused.value.reason and refused.value.uuid is None  # never a callback for a bad cancel
