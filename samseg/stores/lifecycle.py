@@ -6,7 +6,7 @@
                             │  sweeper: unpublished past       │ lease lost / expired: another copy
                             │  the publish lease → republish   │ takes over; sweeper republishes
                             ▼                                  ▼
-                         failed ◀──────────── fail(stage, token) ────────────  complete(token) ──▶ completed
+                 failed | canceled ◀─── fail(token) / cancel / expired ───  complete(token) ──▶ completed
                             │                                                                          │
                             └──────────── outbox: pending ─▶ sending ─▶ delivered | gone | rejected | expired
 ```
@@ -29,6 +29,13 @@ on the newer record. The rules that make every run end in exactly one outcome *b
   marker (`begin_send`: pending → sending, one CAS, so two senders never both send) and record their outcome
   (`record_attempt`: delivered, gone (410), rejected (other 4xx), or pending again after a backoff until
   SAMSEG_CALLBACK_HORIZON_SECONDS or SAMSEG_CALLBACK_MAX_ATTEMPTS is spent → expired).
+- **A cancel is one write too** (`cancel`): a run no stage holds ends `canceled` at once (outbox opened in the
+  same write); a held run is marked `cancel_requested` and only its holder ends it — at `hand_off`,
+  `complete`, `fail`, or mid-work (`end_canceled`, when the segmenter sees the mark between decoder batches)
+  — or, if the holder died, the copy that takes over or the sweeper. So a progress event the holder sends
+  never follows the terminal callback.
+- **A deadline is checked where the model would start**: `start_stage` of download or segment past the
+  payload's `deadline` ends the run `failed` `expired` in that write (a takeover of a started segment is not).
 - **Nothing waits on a lost message**: each write sets `sweep_due`, when the sweeper should look again if
   nothing else happens (a sparse index of active runs, so a sweep costs in proportion to active runs).
   `sweep` turns overdue records into actions: republish a stage or a chain whose message is gone, queue a
