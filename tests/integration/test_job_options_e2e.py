@@ -162,7 +162,9 @@ def test_options_outputs_and_the_running_event_reach_the_app_server(
     assert len(segmented_lines(worker.output(), "opt-rich")) == 1
 
 
-def test_expiry_cancel_and_every_resend_rule(stack: Any, http_server: LoopbackServer, app_server: LoopbackServer) -> None:
+def test_expiry_cancel_and_every_resend_rule(
+    stack: Any, http_server: LoopbackServer, app_server: LoopbackServer
+) -> None:
     api = stack.start_api()
     worker = stack.start_worker()
     jobs, http = sqs_jobs(stack), HttpJobs(api, API_TOKEN)
