@@ -38,6 +38,7 @@ import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -124,6 +125,9 @@ class Instruments:
     stage_seconds: Histogram
     masks_per_job: Histogram
     callbacks: Counter
+    # The scaling signal's wait in SQS (samseg.ops.scaling_signal): recorded by workers when a message arrives.
+    queue_wait: Histogram
+    queue_last_wait: Gauge
 
 
 def instruments() -> Instruments:
@@ -145,6 +149,18 @@ def instruments() -> Instruments:
                     buckets=(0, 1, 5, 10, 25, 50, 100, 200, 500, 1000, 3000),
                 ),
                 callbacks=Counter("samseg_callbacks_total", "Callbacks to the app server, by final result", ["result"]),
+                queue_wait=Histogram(
+                    "samseg_queue_wait_seconds",
+                    "Seconds a task message waited in SQS before a worker received it (SentTimestamp to receipt)",
+                    ["queue"],
+                    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+                ),
+                queue_last_wait=Gauge(
+                    "samseg_queue_last_wait_seconds",
+                    "Wait in SQS of the last task message this worker received: the oldest job's age when it was taken",
+                    ["queue"],
+                    multiprocess_mode="mostrecent",
+                ),
             )
         return _instruments
 

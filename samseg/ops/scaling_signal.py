@@ -23,10 +23,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-# Imported before the metrics below are made: it switches prometheus_client to multiprocess values.
 from samseg.ops import metrics
 from samseg.ops.metrics import QueueDepthPoller
 
@@ -34,19 +32,6 @@ SENT_TIMESTAMP = "SentTimestamp"
 # kombu's SQS transport option: the system attributes fetched with every message (ApproximateReceiveCount is
 # what kombu itself needs).
 FETCH_MESSAGE_ATTRIBUTES = ["ApproximateReceiveCount", SENT_TIMESTAMP]
-
-QUEUE_WAIT = Histogram(
-    "samseg_queue_wait_seconds",
-    "Seconds a task message waited in SQS before a worker received it (SentTimestamp to receipt)",
-    ["queue"],
-    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
-)
-LAST_WAIT = Gauge(
-    "samseg_queue_last_wait_seconds",
-    "Wait in SQS of the last task message this worker received: the oldest job's age when it was taken",
-    ["queue"],
-    multiprocess_mode="mostrecent",
-)
 
 
 def message_wait(message: Any, now: float | None = None) -> tuple[str, float] | None:
@@ -67,8 +52,9 @@ def message_wait(message: Any, now: float | None = None) -> tuple[str, float] | 
 def _on_task_received(request: Any = None, **_: Any) -> None:
     wait = message_wait(getattr(request, "message", None))
     if wait is not None:
-        QUEUE_WAIT.labels(wait[0]).observe(wait[1])
-        LAST_WAIT.labels(wait[0]).set(round(wait[1], 3))
+        recorded = metrics.instruments()
+        recorded.queue_wait.labels(wait[0]).observe(wait[1])
+        recorded.queue_last_wait.labels(wait[0]).set(round(wait[1], 3))
 
 
 _installed = False
