@@ -26,6 +26,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from samseg.core.contracts import ErrorInfo, Stage
 from samseg.core.errors import JobError, is_transient
 from samseg.core.settings import Settings, get_settings
+from samseg.ops import metrics
 from samseg.ops.scratch import scratch_prefix
 from samseg.stores import Stores, build_stores
 from samseg.stores.layout import work_key
@@ -148,6 +149,7 @@ class StageTask(Task):  # type: ignore[misc]
         self.request.chain = None
         if step is Step.CANCELED:
             queue_delivery(self.app, lease.uuid, lease.run_id)
+            metrics.instruments().jobs.labels("canceled").inc()
             log.info("job_canceled", run_id=lease.run_id)
         raise Ignore()
 
