@@ -18,12 +18,34 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from samseg.core.errors import JobError
+from samseg.core.contracts import EffectiveOptions
+from samseg.core.errors import JobCanceled, JobError
+from samseg.core.options import server_options
 from samseg.core.settings import Settings
+from samseg.runtime.amg.params import AmgParams
 from samseg.runtime.build import ModelLoadError, build_model
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+# Upstream generators (SAMSEG_AMG_IMPL=upstream, or a job with multimask_output=false) kept per parameter set:
+# each costs a torch.jit.script of SAM2ImagePredictor's transforms (~1.3 s on CPU) to build.
+UPSTREAM_CACHE = 4
+
+
+def amg_params(options: EffectiveOptions) -> AmgParams:
+    """The generator's share of a job's effective options."""
+    return AmgParams(
+        points_per_side=options.points_per_side,
+        pred_iou_thresh=options.pred_iou_thresh,
+        stability_score_thresh=options.stability_score_thresh,
+        box_nms_thresh=options.box_nms_thresh,
+        min_mask_region_area=options.min_mask_region_area,
+        multimask_output=options.multimask_output,
+    )
+
+
+def _never() -> bool:
+    return False
 
 
 class MaskGenerator(Protocol):
@@ -69,6 +91,8 @@ class Segmenter:
         # torch.jit when built, which is not thread-safe, and one model serves one inference at a time.
         self._lock = threading.RLock()
         self._generators: dict[int, MaskGenerator] = {}
+        self._upstream: dict[tuple[AmgParams, int], MaskGenerator] = {}
+        self.server_params = amg_params(server_options(settings))
         log.info(
             "model_loaded",
             model=settings.sam2_model,
@@ -97,27 +121,60 @@ class Segmenter:
         return time.perf_counter() - started
 
     def _make_generator(self, points_per_batch: int) -> MaskGenerator:
+        """The process's generator at the server's settings. The fast one takes a job's options per call
+        (`generate_masks(params=…)`), so one instance — compiled once with SAMSEG_AMG_COMPILE — serves every job."""
         s = self.settings
-        params: dict[str, Any] = {
-            "points_per_side": s.amg_points_per_side,
-            "points_per_batch": points_per_batch,
-            "pred_iou_thresh": s.amg_pred_iou_thresh,
-            "stability_score_thresh": s.amg_stability_score_thresh,
-            "box_nms_thresh": s.amg_box_nms_thresh,
-            "min_mask_region_area": s.amg_min_mask_region_area,
-        }
-        if s.amg_impl == "fast":
-            from samseg.runtime.amg import FastMaskGenerator
+        if s.amg_impl != "fast":
+            return self.upstream_generator(self.server_params, points_per_batch)
+        from samseg.runtime.amg import FastMaskGenerator
 
-            return FastMaskGenerator(
-                self.model, **params, int8=s.amg_int8, compile=s.amg_compile, half=s.amg_half, prune=s.amg_prune
-            )
+        p = self.server_params
+        return FastMaskGenerator(
+            self.model,
+            points_per_side=p.points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=p.pred_iou_thresh,
+            stability_score_thresh=p.stability_score_thresh,
+            box_nms_thresh=p.box_nms_thresh,
+            min_mask_region_area=p.min_mask_region_area,
+            int8=s.amg_int8,
+            compile=s.amg_compile,
+            half=s.amg_half,
+            prune=s.amg_prune,
+        )
+
+    def upstream_generator(self, params: AmgParams, points_per_batch: int) -> MaskGenerator:
+        """sam2's own generator for `params` (cached, at most UPSTREAM_CACHE parameter sets, oldest dropped):
+        SAMSEG_AMG_IMPL=upstream, and jobs with multimask_output=false, which the fast generator does not
+        implement (SAM-2's single-mask output with its dynamic stability fallback)."""
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
-        return SAM2AutomaticMaskGenerator(self.model, output_mode="binary_mask", **params)  # type: ignore[no-any-return]
+        with self._lock:
+            key = (params, points_per_batch)
+            if key not in self._upstream:
+                while len(self._upstream) >= UPSTREAM_CACHE:
+                    self._upstream.pop(next(iter(self._upstream)))
+                self._upstream[key] = SAM2AutomaticMaskGenerator(
+                    self.model,
+                    points_per_side=params.points_per_side,
+                    points_per_batch=points_per_batch,
+                    pred_iou_thresh=params.pred_iou_thresh,
+                    stability_score_thresh=params.stability_score_thresh,
+                    box_nms_thresh=params.box_nms_thresh,
+                    min_mask_region_area=params.min_mask_region_area,
+                    multimask_output=params.multimask_output,
+                    output_mode="binary_mask",
+                )
+            return self._upstream[key]
 
-    def segment(self, image: npt.NDArray[np.uint8], points_per_batch: int | None = None) -> Segmentation:
-        seconds, masks = self._generate(image, points_per_batch)
+    def segment(
+        self,
+        image: npt.NDArray[np.uint8],
+        points_per_batch: int | None = None,
+        options: EffectiveOptions | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Segmentation:
+        seconds, masks = self._generate(image, points_per_batch, options, should_stop)
         return Segmentation(
             masks=[m.dense() for m in masks],
             predicted_iou=np.array([m.predicted_iou for m in masks], dtype=np.float32),
@@ -126,14 +183,19 @@ class Segmenter:
         )
 
     def segment_packed(
-        self, image: npt.NDArray[np.uint8], path: Path, points_per_batch: int | None = None
+        self,
+        image: npt.NDArray[np.uint8],
+        path: Path,
+        points_per_batch: int | None = None,
+        options: EffectiveOptions | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> PackedSegmentation:
         """Like `segment`, but the masks go straight into a `write_packed_masks` file, one at a time.
 
         Peak memory is the generator's compact masks plus one full-resolution mask, instead of every mask at
         full resolution (40 MP x 100 masks: ~4 GB as bool). The file is what samseg.core.masks.PackedMasks reads.
         """
-        seconds, masks = self._generate(image, points_per_batch)
+        seconds, masks = self._generate(image, points_per_batch, options, should_stop)
         height, width = image.shape[:2]
         write_packed_rows(path, (m.packed_rows() for m in masks), len(masks), height, width)
         return PackedSegmentation(
@@ -146,27 +208,55 @@ class Segmenter:
             seconds=seconds,
         )
 
-    def _generate(self, image: npt.NDArray[np.uint8], points_per_batch: int | None) -> tuple[float, list[OutputMask]]:
-        """The generator's masks, sorted by area (largest first), empty ones dropped; and the model's seconds."""
+    def _generate(
+        self,
+        image: npt.NDArray[np.uint8],
+        points_per_batch: int | None,
+        options: EffectiveOptions | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[float, list[OutputMask]]:
+        """The generator's masks in the job's order (`sort_by`), empty ones dropped, the first `max_masks` kept;
+        and the model's seconds. `options` None: the server's settings. `should_stop` is asked before the model,
+        between decoder chunks (fast generator) and after it; True raises JobCanceled."""
+        effective = options or server_options(self.settings)
+        params = amg_params(effective)
+        stop = should_stop or _never
+        batch = points_per_batch or self.points_per_batch
         with self._lock, self.torch.inference_mode():
+            if stop():
+                raise JobCanceled()
             # Timed inside the lock: with a threaded GPU worker another task may hold the model first, and
             # `seconds` is the model's time, not the wait for it.
             started = time.perf_counter()
-            generator = self.generator(points_per_batch or self.points_per_batch)
-            if hasattr(generator, "generate_masks"):  # FastMaskGenerator
-                masks: list[OutputMask] = list(generator.generate_masks(image))
+            fast = self.settings.amg_impl == "fast" and params.multimask_output
+            generator = self.generator(batch) if fast else self.upstream_generator(params, batch)
+            if fast:
+                masks: list[OutputMask] = list(generator.generate_masks(image, params, stop))  # type: ignore[attr-defined]
             else:
                 masks = [_RecordMask(r) for r in generator.generate(image)]
             seconds = time.perf_counter() - started
-        return seconds, sort_masks(masks)
+        if stop():
+            raise JobCanceled()
+        return seconds, order_masks(masks, effective.sort_by, effective.max_masks)
 
-    def segment_with_fallback(self, image: npt.NDArray[np.uint8]) -> Segmentation:
+    def segment_with_fallback(
+        self,
+        image: npt.NDArray[np.uint8],
+        options: EffectiveOptions | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Segmentation:
         """On out-of-memory, free what the failed attempt held and retry once with a quarter of the batch."""
-        return self._with_fallback(lambda batch: self.segment(image, batch))
+        return self._with_fallback(lambda batch: self.segment(image, batch, options, should_stop))
 
-    def segment_packed_with_fallback(self, image: npt.NDArray[np.uint8], path: Path) -> PackedSegmentation:
-        """`segment_packed` with `segment_with_fallback`'s out-of-memory retry."""
-        return self._with_fallback(lambda batch: self.segment_packed(image, path, batch))
+    def segment_packed_with_fallback(
+        self,
+        image: npt.NDArray[np.uint8],
+        path: Path,
+        options: EffectiveOptions | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> PackedSegmentation:
+        """`segment_packed` with `segment_with_fallback`'s out-of-memory retry (a cancel is never retried)."""
+        return self._with_fallback(lambda batch: self.segment_packed(image, path, batch, options, should_stop))
 
     def _with_fallback(self, run: Callable[[int], T]) -> T:
         batch = self.points_per_batch
@@ -250,8 +340,18 @@ def write_packed_rows(path: Path, rows: Iterable[npt.NDArray[np.uint8]], count: 
 
 def sort_masks(masks: list[OutputMask]) -> list[OutputMask]:
     """Largest first, empty masks dropped (stable: equal areas keep the generator's order)."""
-    order = sorted((i for i, m in enumerate(masks) if m.area > 0), key=lambda i: masks[i].area, reverse=True)
-    return [masks[i] for i in order]
+    return order_masks(masks, "area", None)
+
+
+def order_masks(masks: list[OutputMask], sort_by: str, max_masks: int | None) -> list[OutputMask]:
+    """Empty masks dropped, then `area` (largest first) or `predicted_iou` (highest first) order, stable on
+    ties (the generator's order), then the first `max_masks` (None: all). The index is the segment_id."""
+
+    def key(i: int) -> float:
+        return float(masks[i].area) if sort_by == "area" else float(masks[i].predicted_iou)
+
+    order = sorted((i for i, m in enumerate(masks) if m.area > 0), key=key, reverse=True)
+    return [masks[i] for i in order[:max_masks]]
 
 
 _instance: Segmenter | None = None

@@ -161,12 +161,8 @@ def test_encoder_input_equals_the_predictors(model: Any, image: np.ndarray) -> N
 def test_segment_packed_equals_segment(model: Any, image: np.ndarray, tmp_path: Any) -> None:
     """Masks written one at a time, bit-packed per row, equal the full-resolution masks of `segment`."""
     from samseg.core.masks import PackedMasks, unpack_masks
-    from samseg.runtime.segmenter import Segmenter
 
-    seg = object.__new__(Segmenter)  # the fixture's model; no settings or checkpoint needed
-    seg.model, seg.torch, seg.device, seg.points_per_batch = model, torch, "cpu", 4
-    seg._lock, seg._generators = __import__("threading").RLock(), {}
-    seg._generators[4] = FastMaskGenerator(model, points_per_side=POINTS, points_per_batch=4, **REGIMES["filters_off"])  # type: ignore[arg-type]
+    seg = segmenter_on(model)
     full = seg.segment(image)
     packed = seg.segment_packed(image, tmp_path / "masks.npy")
     nonempty = sum(1 for r in upstream(model, image, "filters_off") if r["area"] > 0)
@@ -177,3 +173,93 @@ def test_segment_packed_equals_segment(model: Any, image: np.ndarray, tmp_path: 
     np.testing.assert_array_equal(packed.predicted_iou, full.predicted_iou)
     areas = [int(m.sum()) for m in full.masks]
     assert areas == sorted(areas, reverse=True) and min(areas) > 0
+
+
+# ---- per-job options (issue #16) ----------------------------------------------------------------------
+def segmenter_on(model: Any, **settings: Any) -> Any:
+    """A Segmenter around the fixture's model (no checkpoint file): server settings = filters off, 4x4 points."""
+    import threading
+
+    from samseg.core.options import server_options
+    from samseg.core.settings import Settings
+    from samseg.runtime.segmenter import Segmenter, amg_params
+
+    seg = object.__new__(Segmenter)
+    seg.settings = Settings(
+        _env_file=None,
+        amg_points_per_side=POINTS,
+        amg_pred_iou_thresh=0.0,
+        amg_stability_score_thresh=0.0,
+        amg_box_nms_thresh=1.0,
+        **settings,
+    )
+    seg.model, seg.torch, seg.device, seg.points_per_batch = model, torch, "cpu", 4
+    seg._lock, seg._generators, seg._upstream = threading.RLock(), {}, {}
+    seg.server_params = amg_params(server_options(seg.settings))
+    return seg
+
+
+def options_for(seg: Any, **changes: Any) -> Any:
+    from samseg.core.options import server_options
+
+    return server_options(seg.settings).model_copy(update=changes)
+
+
+def test_per_call_params_equal_a_generator_built_with_them(model: Any, image: np.ndarray) -> None:
+    """One generator (built at the server's settings) serves a job's own thresholds and grid: the masks are
+    upstream's for those parameters."""
+    from samseg.runtime.amg.params import AmgParams
+
+    gen = FastMaskGenerator(model, points_per_side=POINTS, **REGIMES["filters_off"])  # type: ignore[arg-type]
+    params = AmgParams(points_per_side=POINTS, **REGIMES["iou_and_nms"])  # type: ignore[arg-type]
+    out = [m.record() for m in gen.generate_masks(image, params)]
+    ref = upstream(model, image, "iou_and_nms")
+    assert 0 < len(out) == len(ref) < POINTS * POINTS * 3
+    np.testing.assert_allclose([r["predicted_iou"] for r in out], [r["predicted_iou"] for r in ref], atol=1e-5)
+    smaller = gen.generate_masks(image, AmgParams(points_per_side=2, **REGIMES["filters_off"]))  # type: ignore[arg-type]
+    assert len(smaller) == 2 * 2 * 3  # the job's grid, not the generator's
+    assert len(gen.generate_masks(image)) == POINTS * POINTS * 3  # and back to the server's
+
+
+def test_a_cancel_stops_the_generator_between_decoder_chunks(model: Any, image: np.ndarray) -> None:
+    from samseg.core.errors import JobCanceled
+
+    gen = FastMaskGenerator(model, points_per_side=POINTS, points_per_batch=4, **REGIMES["filters_off"])  # type: ignore[arg-type]
+    calls = 0
+
+    def stop_after_two_chunks() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 3  # the check before the encoder, then one per chunk: two chunks run
+
+    chunks = 0
+    original = gen._process_chunk
+
+    def counting(ctx: Any, idx: Any) -> Any:
+        nonlocal chunks
+        chunks += 1
+        return original(ctx, idx)
+
+    gen._process_chunk = counting  # type: ignore[method-assign]
+    with pytest.raises(JobCanceled):
+        gen.generate_masks(image, should_stop=stop_after_two_chunks)
+    assert chunks == 2 < POINTS * POINTS // 4  # stopped early: the grid needs 4 chunks of 4
+
+
+def test_the_segmenter_orders_caps_and_honours_multimask_output(model: Any, image: np.ndarray) -> None:
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    seg = segmenter_on(model)
+    by_area = seg.segment(image)
+    by_iou = seg.segment(image, options=options_for(seg, sort_by="predicted_iou"))
+    assert list(by_iou.predicted_iou) == sorted(by_iou.predicted_iou, reverse=True)
+    assert len(by_iou.masks) == len(by_area.masks)
+    capped = seg.segment(image, options=options_for(seg, sort_by="predicted_iou", max_masks=5))
+    assert len(capped.masks) == 5
+    for kept, first in zip(capped.masks, by_iou.masks[:5], strict=True):
+        assert np.array_equal(kept, first)  # the first N of the uncapped order
+    single = seg.segment(image, options=options_for(seg, multimask_output=False))
+    ref = SAM2AutomaticMaskGenerator(model, points_per_side=POINTS, multimask_output=False, **REGIMES["filters_off"])
+    expected = sorted((r for r in ref.generate(image) if r["area"] > 0), key=lambda r: -r["area"])
+    assert 0 < len(single.masks) == len(expected) <= POINTS * POINTS  # one mask per prompt, not three
+    assert all(np.array_equal(a, b["segmentation"]) for a, b in zip(single.masks, expected, strict=True))

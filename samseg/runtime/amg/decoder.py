@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samseg.runtime.amg.geometry import CellGrid
+from samseg.runtime.amg.params import AmgParams
 
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
@@ -108,6 +109,8 @@ class Frame:
     in_points: Tensor  # [P, 2] the same in the model's 1024-px input frame
     grid: CellGrid
     covered: Tensor | None  # pruning: low-res cells inside accepted masks
+    params: AmgParams  # this image's grid and thresholds (a job's options)
+    hole_filler: Any  # SAM2Transforms for min_mask_region_area > 0, else None
 
 
 @dataclass

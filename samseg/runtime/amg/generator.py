@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from samseg.core.errors import JobCanceled
 from samseg.core.settings import CPU_POINTS_PER_BATCH, GPU_POINTS_PER_BATCH
 from samseg.runtime.amg.decoder import Candidate, Frame, ImageState, PromptDecoder
 from samseg.runtime.amg.geometry import (
@@ -26,6 +28,7 @@ from samseg.runtime.amg.geometry import (
     dense_masks,
 )
 from samseg.runtime.amg.output import GeneratedMask, PaintContext
+from samseg.runtime.amg.params import AmgParams
 
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
@@ -57,7 +60,16 @@ class _ToTensor(torch.nn.Module):
         return out
 
 
-@functools.cache
+@functools.lru_cache(maxsize=8)
+def _point_grid(points_per_side: int) -> np.ndarray:
+    """Upstream's grid for `points_per_side` (sam2.utils.amg.build_point_grid), built once per size."""
+    from sam2.utils.amg import build_point_grid
+
+    grid: np.ndarray = build_point_grid(points_per_side)
+    return grid
+
+
+@functools.lru_cache(maxsize=8)
 def _hole_filler(resolution: int, area: int) -> Any:
     """Upstream's SAM2Transforms for min_mask_region_area (it scripts itself: built once per process)."""
     from sam2.utils.transforms import SAM2Transforms
@@ -86,20 +98,23 @@ class FastMaskGenerator:
         half: bool = False,
         prune: bool = False,
     ) -> None:
-        from sam2.utils.amg import build_point_grid
-
         self.model = model
         self.device = torch.device(model.device)
         self.resolution = int(model.image_size)
         self._transform = _image_transform(self.resolution)
-        self.grid = build_point_grid(points_per_side)
+        # The constructor's values are the defaults of every call; `generate_masks(params=…)` overrides them for
+        # one image (a job's options) without building another generator (with `compile`, that would compile).
+        self.params = AmgParams(
+            points_per_side=points_per_side,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            box_nms_thresh=box_nms_thresh,
+            min_mask_region_area=min_mask_region_area,
+        )
+        self.grid = _point_grid(points_per_side)
         if points_per_batch is None:  # the measured per-device default (docs/performance-cpu.md)
             points_per_batch = CPU_POINTS_PER_BATCH if self.device.type == "cpu" else GPU_POINTS_PER_BATCH
         self.points_per_batch = points_per_batch
-        self.pred_iou_thresh = pred_iou_thresh
-        self.stability_score_thresh = stability_score_thresh
-        self.box_nms_thresh = box_nms_thresh
-        self.min_mask_region_area = min_mask_region_area
         self.half = half
         self.prune = prune
         if int8 and (self.device.type != "cpu" or half):
@@ -107,9 +122,6 @@ class FastMaskGenerator:
         self.decoder = PromptDecoder(model, int8=int8).eval()
         if half and self.device.type == "cuda":
             self.points_per_batch = len(self.grid)  # all points in one batch
-        self._hole_filler: Any = None
-        if min_mask_region_area > 0:
-            self._hole_filler = _hole_filler(self.resolution, min_mask_region_area)
         # Prompts per decoder call: each prompt's activations are 4 MB per 4096x256 fp32 tensor, so a chunk of
         # B prompts allocates B x 4 MB blocks. On CPU at most 16 (measured ~2x faster per prompt than 64); the
         # CPU default batch of 4 keeps every block under glibc's 32 MiB mmap ceiling (samseg.runtime.allocator),
@@ -163,25 +175,44 @@ class FastMaskGenerator:
 
     # ---- main ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+    def generate(self, image: np.ndarray, params: AmgParams | None = None) -> list[dict[str, Any]]:
         """Masks for an HxWx3 uint8 RGB image, as upstream's records (binary `segmentation`)."""
-        masks = self.generate_masks(image)
+        masks = self.generate_masks(image, params)
         t0 = time.perf_counter()
         records = [m.record() for m in masks]
         self.timings["full_res"] += time.perf_counter() - t0
         return records
 
     @torch.inference_mode()
-    def generate_masks(self, image: np.ndarray) -> list[GeneratedMask]:
-        """The same masks in upstream's order, compact: full resolution only when a caller asks, one at a time."""
+    def generate_masks(
+        self,
+        image: np.ndarray,
+        params: AmgParams | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[GeneratedMask]:
+        """The same masks in upstream's order, compact: full resolution only when a caller asks, one at a time.
+
+        `params` (default: the constructor's) are this image's grid and thresholds; `should_stop` is asked
+        before the encoder and between decoder chunks, and `JobCanceled` is raised once it says True (a canceled
+        job stops within one chunk, not at the end of the image). Only `multimask_output=True` is implemented
+        here (samseg.runtime.segmenter runs upstream's generator for False).
+        """
         from torchvision.ops.boxes import batched_nms
 
+        p = params or self.params
+        if not p.multimask_output:
+            raise ValueError("FastMaskGenerator implements multimask_output=True only")
+        stop = should_stop or _never
+        if stop():
+            raise JobCanceled()
+        grid = _point_grid(p.points_per_side)
+        filler = _hole_filler(self.resolution, p.min_mask_region_area) if p.min_mask_region_area > 0 else None
         h, w = image.shape[:2]
         t0 = time.perf_counter()
         with self._autocast():
             st = self._encode(image)
         self.timings = {"encode": time.perf_counter() - t0, "transformer": 0.0, "upscale": 0.0, "full_res": 0.0}
-        points = torch.as_tensor(self.grid * np.array([[w, h]]), dtype=torch.float32)
+        points = torch.as_tensor(grid * np.array([[w, h]]), dtype=torch.float32)
         # Same coordinate transform as SAM2Transforms.transform_coords(normalize=True).
         in_points = points.clone()
         in_points[:, 0] = in_points[:, 0] / w
@@ -194,6 +225,8 @@ class FastMaskGenerator:
             in_points=in_points,
             grid=cell_grid(low_hw, (h, w)),
             covered=torch.zeros(low_hw, dtype=torch.bool) if self.prune else None,
+            params=p,
+            hole_filler=filler,
         )
         cands: list[Candidate] = []
         n, bs = len(points), self.points_per_batch
@@ -205,6 +238,8 @@ class FastMaskGenerator:
                 cx = ctx.grid.xs.i0[px[:, 0].clamp(0, w - 1)]
                 idx = idx[~ctx.covered[cy, cx]]
             for sub in torch.split(idx, self._chunk):
+                if stop():
+                    raise JobCanceled()
                 cands.extend(self._process_chunk(ctx, sub))
 
         t0 = time.perf_counter()
@@ -212,7 +247,7 @@ class FastMaskGenerator:
             return []
         boxes = torch.tensor([c.box for c in cands], dtype=torch.float32)
         scores = torch.tensor([c.iou for c in cands], dtype=torch.float32)
-        order = batched_nms(boxes, scores, torch.zeros(len(cands)), iou_threshold=self.box_nms_thresh)
+        order = batched_nms(boxes, scores, torch.zeros(len(cands)), iou_threshold=p.box_nms_thresh)
         paint = PaintContext(
             height=h,
             width=w,
@@ -236,7 +271,8 @@ class FastMaskGenerator:
         with self._autocast():
             mask_tokens, keys, iou = self._transformer_fn(ctx.st, coords)
             iou = iou[:real].float()
-            keep = (iou > self.pred_iou_thresh) | (self.pred_iou_thresh <= 0.0)  # upstream skips thresh <= 0
+            iou_thresh = ctx.params.pred_iou_thresh
+            keep = (iou > iou_thresh) | (iou_thresh <= 0.0)  # upstream skips thresh <= 0
             sel = keep.any(1).nonzero().flatten()
             t1 = time.perf_counter()
             self.timings["transformer"] += t1 - t0
@@ -245,8 +281,8 @@ class FastMaskGenerator:
             low = self.decoder.upscale(ctx.st, mask_tokens[sel], keys[sel]).float()
         keep_sel = keep[sel]
         low = low[keep_sel]  # [m, 256, 256]: point-major, then mask index (upstream's order)
-        if self._hole_filler is not None:
-            low = self._hole_filler.postprocess_masks(low[:, None], low.shape[-2:])[:, 0]
+        if ctx.hole_filler is not None:
+            low = ctx.hole_filler.postprocess_masks(low[:, None], low.shape[-2:])[:, 0]
         on_device = low.device.type != "cpu"  # CUDA: full-res work stays on the GPU (dense path)
         low_cpu = low.cpu() if not on_device else low
         ious = iou[sel][keep_sel].cpu().tolist()
@@ -287,7 +323,8 @@ class FastMaskGenerator:
                 ctx.covered |= (dense_low > MASK_THRESHOLD).any(0).cpu()
         # Upstream: intersections / unions of int32 counts -> float32 (0 / 0 -> NaN fails any threshold).
         stab = counts[:, 2].to(torch.int32) / counts[:, 0].to(torch.int32)
-        ok = (stab >= self.stability_score_thresh) | (self.stability_score_thresh <= 0.0)
+        stab_thresh = ctx.params.stability_score_thresh
+        ok = (stab >= stab_thresh) | (stab_thresh <= 0.0)
         out = [
             Candidate(
                 packed=packed[j],
@@ -302,3 +339,7 @@ class FastMaskGenerator:
         ]
         self.timings["full_res"] += time.perf_counter() - t2
         return out
+
+
+def _never() -> bool:
+    return False
