@@ -226,7 +226,7 @@ class EffectiveOptions(BaseModel):
     stability_score_thresh: float
     box_nms_thresh: float
     min_mask_region_area: int
-    max_masks: int | None  # None: no cap
+    max_masks: int | None = None  # None: no cap (left out of result.json)
     sort_by: SortBy
     multimask_output: bool
     polygon_tolerance: float
