@@ -152,7 +152,7 @@ def test_http_jobs() -> None:
             body = json.loads(request.content)
             return httpx.Response(202, json={"uuid": body["uuid"], "status": "queued", "status_url": "/jobs/job-1"})
         if request.method == "DELETE":
-            return httpx.Response(202, json={})
+            return httpx.Response(202, json={"uuid": "job-1", "status": "canceled", "updated_at": 1.0})
         if request.url.path == "/jobs/job-1":
             return httpx.Response(200, json={"uuid": "job-1", "status": "canceled", "updated_at": 1.0})
         return httpx.Response(200, content=ResultDocument(uuid="job-1", status="completed").model_dump_json())
@@ -160,7 +160,7 @@ def test_http_jobs() -> None:
     jobs = HttpJobs("http://samseg:8000/", "t" * 20, client=httpx.Client(transport=httpx.MockTransport(handler)))
     accepted = jobs.submit(build_job("job-1", "https://example.com/a.jpg", outputs=["label_map"]))
     assert accepted.status_url == "/jobs/job-1"
-    jobs.cancel("job-1")
+    assert jobs.cancel("job-1").status == "canceled"
     assert jobs.status("job-1").status == "canceled"
     assert jobs.result("/assets/job-1/result.json").uuid == "job-1"
     post, delete = seen[0], seen[1]
