@@ -41,23 +41,30 @@ def _image_transform(resolution: int) -> Any:
     Upstream builds it with torch.jit.script in every SAM2ImagePredictor (~1.3 s per generator on CPU); the
     same torchvision modules run eagerly give the same tensors (tests/unit/test_amg_startup.py).
     """
-    from torchvision.transforms import Normalize, Resize, ToTensor
+    from torchvision.transforms import Normalize, Resize
 
     return torch.nn.Sequential(
-        _ToTensor(ToTensor()),
+        _ToTensor(),
         Resize((resolution, resolution)),
         Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
     )
 
 
 class _ToTensor(torch.nn.Module):
-    def __init__(self, inner: Any) -> None:
-        super().__init__()
-        self.inner = inner
+    """torchvision's ToTensor for an HxWx3 uint8 array, in one float buffer instead of three.
+
+    ToTensor makes a contiguous uint8 CHW copy, then `.to(float32)` and `.div(255)`, each a new tensor: at 40 MP
+    that is 120 + 480 + 480 MB alive at once, the segment stage's peak (issue #15). Here the uint8 HWC array is
+    converted straight into one float32 CHW buffer and divided in place: the same element-wise float32 operations,
+    so the same values bit for bit (tests/integration/test_amg_model.py compares the encoder's input with
+    SAM2ImagePredictor's), with 480 MB at most.
+    """
 
     def forward(self, x: Any) -> Tensor:
-        out: Tensor = self.inner(x)
-        return out
+        array = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
+        out = torch.empty(array.shape, dtype=torch.float32)
+        out.copy_(array)
+        return out.div_(255)
 
 
 @functools.lru_cache(maxsize=8)
