@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from samseg.core.contracts import ResultDocument
 from tests.support import LoopbackServer, Proc, Recorded
 
 CALLBACK_PREFIX = "/api/v1/re-imagine/auto-mask/"
@@ -139,6 +140,15 @@ def is_callback(uuid: str) -> Callable[[Recorded], bool]:
     return lambda r: r.method == "PATCH" and r.path == CALLBACK_PREFIX + uuid
 
 
+def callback_of_result(text: str) -> dict[str, Any]:
+    """The callback body a result.json stands for: result.json is the result document, the callback's fields
+    plus params, model, version and the per-mask encodings (docs/contract.md)."""
+    data: dict[str, Any] = json.loads(
+        ResultDocument.model_validate_json(text).callback_body().model_dump_json(exclude_none=True)
+    )
+    return data
+
+
 def check_job_folder(assets: Path, uuid: str, body: dict[str, Any]) -> list[str]:
     """Problems with {assets}/{uuid} against a `completed` callback body (empty list: complete)."""
     problems: list[str] = []
@@ -146,7 +156,7 @@ def check_job_folder(assets: Path, uuid: str, body: dict[str, Any]) -> list[str]
     result = folder / "result.json"
     if not result.is_file():
         return [f"{result} missing"]
-    if json.loads(result.read_text()) != body:
+    if callback_of_result(result.read_text()) != body:
         problems.append("result.json differs from the callback body")
     pngs = sorted(p.name for p in (folder / "mask_images").iterdir())
     expected = [f"mask_{i:03d}.png" for i in range(len(body["segments"]))]

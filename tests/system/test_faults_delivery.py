@@ -34,6 +34,7 @@ from samseg.stores.purge import purge_expired
 from tests.faults_support import (
     CALLBACK_PREFIX,
     FaultProxy,
+    callback_of_result,
     check_job_folder,
     children,
     count_events,
@@ -147,7 +148,7 @@ def test_worker_sigkilled_during_segment_job_completes_once_on_another_worker(ma
         while not stop.is_set():
             result = stack.assets / uuid / "result.json"
             if result.exists():
-                problems = check_job_folder(stack.assets, uuid, json.loads(result.read_text()))
+                problems = check_job_folder(stack.assets, uuid, callback_of_result(result.read_text()))
                 if problems:
                     torn.append(problems)
             time.sleep(0.02)
@@ -179,14 +180,15 @@ def test_worker_sigkilled_during_segment_job_completes_once_on_another_worker(ma
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_duplicate_messages_run_once_resent_completed_job_is_a_noop_resent_failed_job_runs(
+def test_duplicate_messages_run_once_resent_completed_job_gets_its_callback_again_resent_failed_job_runs(
     make_stack, http_server, app_server
 ):
     """Faults: (a) the same job JSON sent twice (two SQS messages, one uuid) before the worker reads either;
     (b) that uuid sent again after it completed; (c) a job whose image is missing (404) when it first runs,
     re-sent by the app server once the image exists (README: a failed job may be retried by re-sending).
     Outcome: (a) one chain — one `job_accepted`, one `job_duplicate_ignored`, one download, one job folder,
-    exactly one callback; (b) nothing runs: no second callback, the job folder is byte- and mtime-identical;
+    exactly one callback; (b) nothing runs, the same callback is sent again (issue 16's re-send rule), the job
+    folder is byte- and mtime-identical;
     (c) a `failed` (image_not_found) callback, then the re-sent job runs and a `completed` one arrives."""
     stack = make_stack(SAMSEG_APP_SERVER_URL=app_server.url, **LAZY)
     api = stack.start_api()
@@ -221,9 +223,10 @@ def test_duplicate_messages_run_once_resent_completed_job_is_a_noop_resent_faile
     assert download_masks(retried) == []
     assert _status(api, "retry-1")["status"] == "completed"  # type: ignore[index]
 
-    wait_until(lambda: count_events(worker, "job_duplicate_ignored", "dup-1") == 2, 30, "second duplicate")
+    wait_until(lambda: count_events(worker, "job_callback_redelivered", "dup-1") == 1, 30, "the redelivery")
     assert len(settled_callbacks(stack, app_server, "retry-1", timeout=150)) == 2
-    assert len(settled_callbacks(stack, app_server, "dup-1", timeout=150)) == 1
+    again = settled_callbacks(stack, app_server, "dup-1", timeout=150)
+    assert len(again) == 2 and again[1].body == again[0].body  # the same callback, byte for byte
     assert count_events(worker, "job_accepted", "dup-1") == 1
     assert task_received(worker, "dup-1", "download") == 1
     assert tree_snapshot(stack.assets / "dup-1") == before
@@ -578,7 +581,8 @@ def test_purge_keeps_the_state_of_a_job_waiting_in_a_gpu_backlog(make_stack, htt
     # (1) The longest backlog samseg allows: the sweeper must not touch the run, a duplicate must not replace it.
     within = downloaded_at + settings.stale_run_seconds - 1
     swept = Lifecycle(stores.jobs, settings, clock=lambda: within).sweep()
-    claim = stores.jobs.claim(uuid, "duplicate-message-id", now=within, payload={"uuid": uuid})
+    same_job = stores.jobs.get(uuid).fingerprint  # the same job sent again (another body would be a conflict)
+    claim = stores.jobs.claim(uuid, "duplicate-message-id", now=within, payload={"uuid": uuid}, fingerprint=same_job)
     at_limit = {"swept": [a.uuid for a in swept], "claim": claim.decision.value, "run": stores.jobs.get(uuid).run_id}
     assert at_limit == {"swept": [], "claim": "duplicate", "run": run_id}, at_limit
 
