@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +62,10 @@ class _ToTensor(torch.nn.Module):
     """
 
     def forward(self, x: Any) -> Tensor:
-        array = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
+        with warnings.catch_warnings():
+            # A decoded image is often a read-only array; it is only read here (copied into `out`).
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            array = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
         out = torch.empty(array.shape, dtype=torch.float32)
         out.copy_(array)
         return out.div_(255)
