@@ -130,7 +130,11 @@ def segment(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
         points_per_side=params.points_per_side,
         device=segmenter.device,
     )
-    return self.hand_off(lease, {**job, "width": width, "height": height, "mask_count": count})
+    # What produced the masks, recorded where the model is: persist runs on io workers, which have no weights.
+    model = ModelInfo(config=settings.sam2_model, checkpoint_sha256=checkpoint_sha256(settings.checkpoint_path))
+    return self.hand_off(
+        lease, {**job, "width": width, "height": height, "mask_count": count, "model": model.model_dump()}
+    )
 
 
 @shared_task(name=names.PERSIST, bind=True, base=StageTask, throws=(JobError,))
@@ -168,7 +172,7 @@ def persist(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
             overlay_url=url(asset_path(uuid, OVERLAY_FILE)) if "overlay" in outputs else None,
             params=params,
             outputs=outputs,
-            model=ModelInfo(config=settings.sam2_model, checkpoint_sha256=checkpoint_sha256(settings.checkpoint_path)),
+            model=ModelInfo.model_validate(job["model"]) if job.get("model") else None,
             samseg_version=samseg_version(),
         )
 
