@@ -13,9 +13,11 @@ SIGKILL and the visibility timeout. Two mechanisms, by pool:
   the GPU worker got stuck in its shutdown here ("terminate called without an active exception", still alive
   30 s later). So the GPU worker keeps Celery's *warm* shutdown on SIGTERM (no REMAP_SIGTERM), and this module
   bounds it: on `worker_shutting_down` a thread waits until no task is running or the timeout passed; in the
-  second case (and never before the last SQS long poll has ended: wait_time_seconds + 1 = 11 s) it releases
-  every message the worker still holds (samseg.ops.watchdog.release_held_messages) and
-  ends the process. A task that finishes in time ends normally (acknowledged, its callback sent).
+  second case (and never before the last SQS long poll has ended: wait_time_seconds + 1 = 11 s) it gives up
+  the running stages' leases in the job store (so the next worker takes their runs over at once, not after
+  SAMSEG_STAGE_LEASE_SECONDS), releases every message the worker still holds
+  (samseg.ops.watchdog.release_held_messages) and ends the process. A task that finishes in time ends
+  normally (acknowledged, its callback sent).
 
 Exactly once either way: a task whose message went back never acknowledges or publishes its next stage (the
 process ends first), and the redelivered message runs the stage again under the same run (the job store's
@@ -98,10 +100,17 @@ class ShutdownDeadline:
 _deadline: ShutdownDeadline | None = None
 
 
-def install(settings: Settings, pool_cls: Any, threads: list[Any] | None = None) -> ShutdownDeadline | None:
+def install(
+    settings: Settings,
+    pool_cls: Any,
+    threads: list[Any] | None = None,
+    release_leases: Callable[[], int] | None = None,
+) -> ShutdownDeadline | None:
     """Bound the warm shutdown of a solo/threads worker by SAMSEG_WORKER_SOFT_SHUTDOWN_TIMEOUT_SECONDS.
 
-    Called from the worker's `worker_ready` handler. Prefork workers get Celery's own soft shutdown instead
+    Called from the worker's `worker_ready` handler. `release_leases` gives up the running stages' leases
+    (samseg.worker.leases.release_held_leases; the worker layer passes it in); it runs before the messages go
+    back, so the worker that receives one finds its run free. Prefork workers get Celery's own soft shutdown instead
     (samseg.worker.config sets worker_soft_shutdown_timeout); nothing is installed for them.
     """
     global _deadline
@@ -136,6 +145,11 @@ def install(settings: Settings, pool_cls: Any, threads: list[Any] | None = None)
         for thread in list(threads or ()):
             if isinstance(thread, VisibilityKeeper):
                 thread.stop()  # it would otherwise extend what is being handed back
+        if release_leases is not None:
+            try:
+                log.info("soft_shutdown_leases_released", leases=release_leases())
+            except Exception as exc:  # best effort: the leases run out by themselves
+                log.warning("soft_shutdown_lease_release_failed", error=repr(exc)[:300])
         return release_held_messages(client, snapshot(state.reserved_requests))
 
     from celery import current_app

@@ -52,6 +52,13 @@ class LeaseKeeper:
                 cached = cls._instance = (os.getpid(), cls(lifecycle, lifecycle.lease / 3))
             return cached[1]
 
+    @classmethod
+    def current(cls) -> LeaseKeeper | None:
+        """This process's keeper, if a stage has run here (None in a process that has not held a lease)."""
+        with cls._instance_lock:
+            cached = cls._instance
+            return cached[1] if cached is not None and cached[0] == os.getpid() else None
+
     def hold(self, task_id: str, lease: HeldLease) -> None:
         with self._lock:
             self._held[task_id] = lease
@@ -75,6 +82,24 @@ class LeaseKeeper:
         with self._lock:
             return self._failed.pop(task_id, None) or self._held.get(task_id)
 
+    def release_all(self) -> int:
+        """Give up every lease held here, in the store (best effort); returns how many the store released.
+
+        For a process about to end with stages still running (the soft-shutdown deadline): their messages go
+        back to SQS, and the next copy of each stage should take its run over at once instead of waiting out
+        SAMSEG_STAGE_LEASE_SECONDS for a holder that is gone. Safe while those stages still run for a moment:
+        their writes carry the released token and are refused, so the next copy alone goes on."""
+        with self._lock:
+            held = list(self._held.values())
+            self._held.clear()
+        released = 0
+        for lease in held:
+            try:
+                released += bool(self.lifecycle.release(lease.uuid, lease.run_id, lease.token))
+            except Exception as exc:  # the store is unreachable: the lease runs out by itself
+                log.warning("stage_lease_release_failed", job_uuid=lease.uuid, error=repr(exc)[:300])
+        return released
+
     def renew_all(self) -> int:
         with self._lock:
             held = list(self._held.items())
@@ -93,3 +118,9 @@ class LeaseKeeper:
         stop = threading.Event()
         while not stop.wait(self.interval):
             self.renew_all()
+
+
+def release_held_leases() -> int:
+    """Release this process's stage leases (LeaseKeeper.release_all); 0 where no stage has run."""
+    keeper = LeaseKeeper.current()
+    return keeper.release_all() if keeper is not None else 0

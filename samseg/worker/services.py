@@ -88,6 +88,7 @@ class WorkerServices:
         from samseg.ops.watchdog import StageWatchdog, watches_pool, worker_hard_timeout
         from samseg.queue.visibility import VisibilityKeeper
         from samseg.worker.failure import hung_task_hook
+        from samseg.worker.leases import release_held_leases
 
         settings = self.settings
         hostname = getattr(sender, "hostname", None) or socket.gethostname()
@@ -110,7 +111,7 @@ class WorkerServices:
         # Scale-in protection (off by default) and the bounded stop of thread pools; prefork: Celery's soft shutdown.
         scale_in.install(settings, pool_cls)
         scaling_signal.install()  # samseg_queue_wait_seconds on this worker's /metrics
-        soft_shutdown.install(settings, pool_cls, self.threads)
+        soft_shutdown.install(settings, pool_cls, self.threads, release_leases=release_held_leases)
         if settings.metrics_port:
             self.metrics_server = metrics.serve(settings.metrics_port, settings.metrics_host)
         log.info(

@@ -76,7 +76,11 @@ def test_ingress_keeps_a_job_it_cannot_record_and_runs_it_once_the_store_is_back
 
 def test_job_store_outage_mid_chain_is_retried_and_the_job_completes_once(make_stack, images, app_server, moto_url):
     with TcpProxy("127.0.0.1", int(moto_url.rsplit(":", 1)[1])) as dynamo:
-        stack = _dynamo_stack(make_stack, dynamo, SAMSEG_APP_SERVER_URL=app_server.url, **LAZY)
+        # The retry cannot release its stage lease while the store is down, so its next copy waits that lease
+        # out: the smallest lease allowed keeps the wait short (the lease's length is not what is tested).
+        stack = _dynamo_stack(
+            make_stack, dynamo, SAMSEG_APP_SERVER_URL=app_server.url, SAMSEG_STAGE_LEASE_SECONDS="10", **LAZY
+        )
         worker = stack.start_worker("-c", "2")
         uuid = "store-outage-1"
         stack.send_raw(json.dumps({"uuid": uuid, "image_url": f"{images.url}/ok.png"}))

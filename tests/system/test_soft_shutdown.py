@@ -10,7 +10,7 @@ import os
 import signal
 import time
 
-from tests.faults_support import count_events, is_callback, settled_callbacks, task_received, wait_until
+from tests.faults_support import count_events, events, is_callback, settled_callbacks, task_received, wait_until
 
 SOFT_SECONDS = 4
 # The deadline never releases before SQS's long poll (wait_time_seconds, 10 s) in flight at SIGTERM has ended:
@@ -48,6 +48,8 @@ def test_sigterm_during_a_long_segment_stops_within_the_bound_and_the_job_comple
     assert gpu.popen.returncode == 0
     assert count_events(gpu, "image_segmented", uuid) == 0  # it was still in the model ...
     assert count_events(gpu, "soft_shutdown_timeout") == 1  # ... so its message went back
+    # ... and its run's lease too: the next worker takes the run at once, not after SAMSEG_STAGE_LEASE_SECONDS.
+    assert [e["leases"] for e in events(gpu) if e.get("event") == "soft_shutdown_leases_released"] == [1]
     stack.start_worker(*gpu_args, name="gpu-b", env=GPU_WORKER_ENV)
     app_server.wait_for(is_callback(uuid), timeout=240)
     io = stack.procs[0]

@@ -355,3 +355,32 @@ def test_a_deadline_does_not_stop_a_segmentation_that_already_started(life: Life
     assert isinstance(life.start_stage("job", run, Stage.SEGMENT, payload), Hold)
     clock.now += LEASE + 1  # its worker died after the deadline: the takeover re-runs it (it had started)
     assert isinstance(life.start_stage("job", run, Stage.SEGMENT, payload), Hold)
+
+
+# --- a stopping worker gives its leases up --------------------------------------------------------------------
+def test_leases_released_at_a_soft_shutdown_free_the_run_at_once_and_silence_the_old_holder(
+    life: Lifecycle, clock: Clock, monkeypatch: pytest.MonkeyPatch
+):
+    """samseg.ops.soft_shutdown's deadline: the process is about to end with a stage still running. Its lease,
+    released, lets the redelivered copy take the run at once (not Busy for SAMSEG_STAGE_LEASE_SECONDS), and the
+    stage still running here for a moment can no longer hand off."""
+    from samseg.worker.leases import HeldLease, LeaseKeeper, release_held_leases
+
+    monkeypatch.setattr(LeaseKeeper, "_instance", None)  # this test's keeper, forgotten after it
+    assert release_held_leases() == 0  # no stage has run in this process
+    run = started(life, clock)
+    payload = {"uuid": "job", "run_id": run}
+    hold = life.start_stage("job", run, Stage.DOWNLOAD, payload)
+    assert isinstance(hold, Hold)
+    keeper = LeaseKeeper.for_process(life)
+    assert LeaseKeeper.current() is keeper
+    keeper.hold("task-1", HeldLease("job", run, hold.token))
+    keeper.hold("task-2", HeldLease("gone", "no-run", "no-token"))  # a run the store no longer has: not counted
+
+    assert release_held_leases() == 1
+    assert keeper.get("task-1") is None and keeper.release_all() == 0  # nothing left to release, or to renew
+
+    taken = life.start_stage("job", run, Stage.DOWNLOAD, payload)
+    assert isinstance(taken, Hold) and taken.token != hold.token
+    assert life.hand_off("job", run, hold.token, payload) is Step.LOST
+    assert life.hand_off("job", run, taken.token, payload) is Step.DONE
