@@ -43,6 +43,29 @@ def test_segment_one_file_writes_the_same_outputs_as_a_job(make_stack, tmp_path)
         assert mask.shape == (80, 120) and int(mask.sum()) == seg["area"]
 
 
+def test_segment_loads_no_torchvision_dynamo_or_triton(make_stack, tmp_path):
+    """Issue #18: `samseg segment` pays its imports on every run. torchvision (used only for its transforms and
+    NMS, done in torch here) would load torch._dynamo, sympy and triton: ~1.7 s of a 2-core start-up."""
+    stack = make_stack(SAMSEG_AMG_PRED_IOU_THRESH="0", SAMSEG_AMG_STABILITY_SCORE_THRESH="0")  # masks to write
+    image = tmp_path / "scene.png"
+    image.write_bytes(scene_png(120, 80))
+    loaded = tmp_path / "modules.json"
+    probe = (
+        "import atexit, json, sys\n"
+        f"atexit.register(lambda: open({str(loaded)!r}, 'w').write(json.dumps(sorted(sys.modules))))\n"
+        "from samseg.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    argv = [str(VENV_BIN / "python"), "-c", probe, "segment", str(image), "--out", str(tmp_path / "out")]
+    result = subprocess.run(argv, env=stack.env, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["segments"]
+    modules = json.loads(loaded.read_text())
+    assert "sam2" in modules and "torch" in modules  # the probe saw the run's modules
+    heavy = [m for m in modules if m.split(".")[0] in {"torchvision", "triton", "sympy"} or m == "torch._dynamo"]
+    assert heavy == []
+
+
 def test_segment_reports_bad_input_clearly(make_stack, tmp_path):
     stack = make_stack()
     junk = tmp_path / "junk.jpg"

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from samseg.runtime.amg import bilinear_axis, boundary_fraction, cell_grid, cell_masks, dense_masks, paint_mask
-from samseg.runtime.amg.geometry import unpack_box
+from samseg.runtime.amg.geometry import box_nms, unpack_box
 
 
 @pytest.mark.parametrize("out_hw", [(768, 1024), (96, 128), (300, 257), (1000, 1500)])
@@ -62,3 +64,55 @@ def test_boundary_fraction_separates_smooth_from_noisy() -> None:
     smooth, noisy = boundary_fraction(_logits(False), thresholds), boundary_fraction(_logits(True), thresholds)
     assert smooth[0] == 0 and smooth[1] == 0
     assert float(smooth.max()) < 0.15 < float(noisy[2:].min())
+
+
+# --- torchvision's NMS and image transforms, without importing torchvision in samseg (issue #18) ---------------
+_boxes = st.lists(
+    st.tuples(
+        st.integers(0, 60), st.integers(0, 60), st.integers(0, 40), st.integers(0, 40), st.sampled_from([0.5, 0.9])
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(raw=_boxes, threshold=st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0]), tie_seed=st.integers(0, 3))
+def test_box_nms_keeps_what_torchvisions_batched_nms_keeps_in_its_order(
+    raw: list[tuple[int, int, int, int, float]], threshold: float, tie_seed: int
+) -> None:
+    """Whole-pixel XYXY boxes as the generator makes them (empty ones included), scores with ties (few distinct
+    values) or without: the same indices in the same order, for every box set Hypothesis tries."""
+    from torchvision.ops.boxes import batched_nms
+
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h, _ in raw], dtype=torch.float32).reshape(-1, 4)
+    scores = torch.tensor([s for *_, s in raw], dtype=torch.float32)
+    if tie_seed:  # distinct scores too (predicted IoUs rarely tie)
+        scores = scores + torch.rand(len(scores), generator=torch.Generator().manual_seed(tie_seed)) * 0.01
+    expected = batched_nms(boxes, scores, torch.zeros(len(scores)), threshold)
+    assert torch.equal(box_nms(boxes, scores, threshold), expected)
+
+
+@pytest.mark.parametrize("n", [999, 1000, 1001, 3000])  # batched_nms switches paths above 1000 boxes on CPU
+def test_box_nms_agrees_on_both_sides_of_batched_nms_path_switch(n: int) -> None:
+    from torchvision.ops.boxes import batched_nms
+
+    gen = torch.Generator().manual_seed(n)
+    xy = torch.randint(0, 900, (n, 2), generator=gen)
+    wh = torch.randint(0, 300, (n, 2), generator=gen)
+    boxes = torch.cat([xy, xy + wh], 1).to(torch.float32)
+    scores = torch.randint(0, 50, (n,), generator=gen).to(torch.float32) / 50  # many ties
+    for threshold in (0.5, 0.7):
+        assert torch.equal(box_nms(boxes, scores, threshold), batched_nms(boxes, scores, torch.zeros(n), threshold))
+
+
+@pytest.mark.parametrize("hw", [(768, 1024), (1024, 1024), (333, 517), (2048, 1536)])
+def test_image_transform_equals_torchvisions_resize_and_normalize(hw: tuple[int, int]) -> None:
+    from torchvision.transforms import Normalize, Resize
+
+    from samseg.runtime.amg.generator import IMAGENET_MEAN, IMAGENET_STD, _image_transform
+
+    image = np.random.default_rng(hw[0]).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    ours = _image_transform(1024)(image)
+    x = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32).div(255)
+    expected = Normalize(IMAGENET_MEAN, IMAGENET_STD)(Resize((1024, 1024))(x))
+    assert torch.equal(ours, expected)

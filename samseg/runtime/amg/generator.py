@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from samseg.core.errors import JobCanceled
@@ -23,6 +24,7 @@ from samseg.runtime.amg.geometry import (
     MASK_THRESHOLD,
     STABILITY_OFFSET,
     boundary_fraction,
+    box_nms,
     cell_grid,
     cell_masks,
     dense_chunk,
@@ -35,20 +37,44 @@ if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM2Transforms' Normalize
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @functools.cache
 def _image_transform(resolution: int) -> Any:
     """SAM2Transforms' image path (ToTensor, Resize to a square, ImageNet Normalize), built once per process.
 
-    Upstream builds it with torch.jit.script in every SAM2ImagePredictor (~1.3 s per generator on CPU); the
-    same torchvision modules run eagerly give the same tensors (tests/unit/test_amg_startup.py).
+    Upstream builds it with torch.jit.script in every SAM2ImagePredictor (~1.3 s per generator on CPU), from
+    torchvision modules; importing torchvision costs ~1.7 s more on 2 cores (it loads torch._dynamo, sympy and
+    triton), paid by every `samseg segment`. The same operations, called through torch directly, give the
+    same tensors bit for bit (tests/unit/test_amg.py compares them with torchvision's transforms, and
+    tests/integration/test_amg_model.py the encoder's input with SAM2ImagePredictor's).
     """
-    from torchvision.transforms import Normalize, Resize
+    return torch.nn.Sequential(_ToTensor(), _Resize(resolution), _Normalize())
 
-    return torch.nn.Sequential(
-        _ToTensor(),
-        Resize((resolution, resolution)),
-        Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    )
+
+class _Resize(torch.nn.Module):
+    """torchvision's Resize((r, r)) on a float CHW tensor: bilinear, antialiased, unchanged at the same size."""
+
+    def __init__(self, resolution: int) -> None:
+        super().__init__()
+        self.size = [resolution, resolution]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if list(x.shape[-2:]) == self.size:
+            return x
+        out: Tensor = F.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return out[0]
+
+
+class _Normalize(torch.nn.Module):
+    """torchvision's Normalize(IMAGENET_MEAN, IMAGENET_STD): (x - mean) / std per channel, in float32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = torch.as_tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.as_tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return x.sub(mean).div_(std)
 
 
 class _ToTensor(torch.nn.Module):
@@ -208,8 +234,6 @@ class FastMaskGenerator:
         job stops within one chunk, not at the end of the image). Only `multimask_output=True` is implemented
         here (samseg.runtime.segmenter runs upstream's generator for False).
         """
-        from torchvision.ops.boxes import batched_nms
-
         p = params or self.params
         if not p.multimask_output:
             raise ValueError("FastMaskGenerator implements multimask_output=True only")
@@ -258,7 +282,7 @@ class FastMaskGenerator:
             return []
         boxes = torch.tensor([c.box for c in cands], dtype=torch.float32)
         scores = torch.tensor([c.iou for c in cands], dtype=torch.float32)
-        order = batched_nms(boxes, scores, torch.zeros(len(cands)), iou_threshold=p.box_nms_thresh)
+        order = box_nms(boxes, scores, p.box_nms_thresh)
         paint = PaintContext(
             height=h,
             width=w,
