@@ -45,29 +45,37 @@ fi
 if [ "$#" -gt 0 ]; then
   exec .venv/bin/pytest "$@"
 fi
-for tier in unit integration; do
-  echo "=== pytest tests/$tier"
-  .venv/bin/pytest "tests/$tier"
-done
-# The system tier in two lanes at once. The chaos tests spend most of their ~10 minutes inside fault windows
-# (a 3-minute AWS outage, 2 minutes of 503s, a 30 s SQS outage) and the outage tests mostly wait out delays and
-# leases, with the CPU nearly idle and generous bounds; so they run beside the rest of the tier instead of after
-# it (lane 1 ~19 min, lane 2 ~16 min, measured). Lane 2 has its own temporary folder and no cache writes, so the
-# two pytest sessions share nothing; its report is printed after lane 1's.
-lane2_tests=(tests/system/test_chaos.py tests/system/test_chaos_outage.py tests/system/test_faults_outages.py)
-echo "=== pytest tests/system (lane 1: all but ${lane2_tests[*]}; lane 2, alongside: those)"
-lane2_log=$(mktemp)
-lane2_tmp=$(mktemp -d)
-.venv/bin/pytest -p no:cacheprovider --basetemp "$lane2_tmp/t" "${lane2_tests[@]}" >"$lane2_log" 2>&1 &
-lane2=$!
-trap 'kill "$lane2" 2>/dev/null || true' EXIT
-lane1_rc=0
-.venv/bin/pytest tests/system "${lane2_tests[@]/#/--ignore=}" || lane1_rc=$?
-lane2_rc=0
-wait "$lane2" || lane2_rc=$?
-trap - EXIT
-echo "=== pytest tests/system, lane 2: ${lane2_tests[*]}"
-cat "$lane2_log"
-rm -rf "$lane2_log" "$lane2_tmp"
-echo "=== tests/system: lane 1 exit $lane1_rc, lane 2 exit $lane2_rc"
-[ "$lane1_rc" = 0 ] && [ "$lane2_rc" = 0 ]
+
+# Run tests/$1 in two lanes at once: lane 2 is the files named after it, lane 1 the rest of the tier. Lane 2
+# takes tests that mostly wait (fault windows, SQS delays and countdowns, leases) with the CPU nearly idle and
+# bounds of minutes, so they overlap the rest instead of following it. The lanes are separate pytest sessions:
+# lane 2 has its own temporary folder and writes no cache, so they share nothing; its report follows lane 1's,
+# and either lane failing fails the tier.
+run_in_lanes() {
+  local tier=$1
+  shift
+  local lane2_tests=("$@") lane2_log lane2_tmp lane2 lane1_rc=0 lane2_rc=0
+  echo "=== pytest tests/$tier (lane 1: all but ${lane2_tests[*]}; lane 2, alongside: those)"
+  lane2_log=$(mktemp)
+  lane2_tmp=$(mktemp -d)
+  .venv/bin/pytest -p no:cacheprovider --basetemp "$lane2_tmp/t" "${lane2_tests[@]}" >"$lane2_log" 2>&1 &
+  lane2=$!
+  trap 'kill "$lane2" 2>/dev/null || true' EXIT
+  .venv/bin/pytest "tests/$tier" "${lane2_tests[@]/#/--ignore=}" || lane1_rc=$?
+  wait "$lane2" || lane2_rc=$?
+  trap - EXIT
+  echo "=== pytest tests/$tier, lane 2: ${lane2_tests[*]}"
+  cat "$lane2_log"
+  rm -rf "$lane2_log" "$lane2_tmp"
+  echo "=== tests/$tier: lane 1 exit $lane1_rc, lane 2 exit $lane2_rc"
+  [ "$lane1_rc" = 0 ] && [ "$lane2_rc" = 0 ]
+}
+
+echo "=== pytest tests/unit"
+.venv/bin/pytest tests/unit
+# Integration, lane 2 (~4 min, nearly all waiting): a 90 s countdown outliving the visibility timeout, and the
+# ingress's 15/30/60 s hand-back delays and publish lease.
+run_in_lanes integration tests/integration/test_visibility_keeper.py tests/integration/test_ingress_backoff.py
+# System, lane 2 (~16 min): the chaos tests (a 3-minute AWS outage, 2 minutes of 503s, a 30 s SQS outage, kills)
+# and the outage tests (store outages, a poison task waiting out visibility timeouts and the reaper).
+run_in_lanes system tests/system/test_chaos.py tests/system/test_chaos_outage.py tests/system/test_faults_outages.py
