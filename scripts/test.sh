@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command: install (if needed), lint, type-check and run the whole test suite, tier by tier: tests/unit
 # (in-process), tests/integration (moto, one stack), tests/system (chaos, faults, scale-out, packaging,
-# compose; the chaos and outage tests in a second lane beside the rest). A failing tier stops the run before the next,
-# slower one. CI runs exactly this.
+# compose); the last two each with their mostly-waiting tests in a second lane (run_in_lanes). A failing tier
+# stops the run before the next, slower one. CI runs exactly this.
 # With arguments, pytest runs just those (`scripts/test.sh tests/unit/test_masks.py -k png`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
