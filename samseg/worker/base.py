@@ -148,6 +148,7 @@ class StageTask(Task):  # type: ignore[misc]
         CANCELED (the run was ended `canceled` by this copy's write: queue its callback)."""
         self.request.chain = None
         if step is Step.CANCELED:
+            self.discard_work(lease.uuid, lease.run_id)
             queue_delivery(self.app, lease.uuid, lease.run_id)
             metrics.instruments().jobs.labels("canceled").inc()
             log.info("job_canceled", run_id=lease.run_id)
@@ -180,6 +181,24 @@ class StageTask(Task):  # type: ignore[misc]
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root, prefix=scratch_prefix()) as folder:
             yield Path(folder)
+
+    def discard_work(self, uuid: str, run_id: str, *, raise_outage: bool = False) -> None:
+        """Delete the run's work files once no stage of the run can need them: in notify, before the run ends
+        (`raise_outage`: an unreachable store retries notify, as its own writes would, so a completed run leaves
+        none behind), and where a cancel ends the run (best effort).
+
+        Never in persist: there they are the stage's input until its hand-off is recorded. A persist that
+        published, deleted them, then could not record the hand-off (the job store down, the worker killed) ran
+        again from nothing and failed the job `work_missing`; once notify holds the run, no copy of persist can
+        take it again (it is forwarded). A failure that is not an outage only leaves files the orphan sweep
+        removes (samseg.stores.purge.sweep_orphans); it never fails a finished job.
+        """
+        try:
+            self.stores.assets.discard_work(uuid, run_id)
+        except Exception as exc:
+            if raise_outage and is_transient(exc):
+                raise
+            log.warning("work_discard_failed", error=repr(exc)[:200])
 
     def fetch_work(self, job: dict[str, Any], name: str, dest: Path) -> Path:
         if not self.stores.blobs.get_file(work_key(job["uuid"], job["run_id"], name), dest):

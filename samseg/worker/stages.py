@@ -186,9 +186,9 @@ def persist(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
 
         written = tuple(name for kind, name in JOB_OUTPUT_FILES.items() if kind in outputs)
         self.stores.assets.publish(uuid, masks, document, write_outputs, written)
-        self.stores.assets.discard_work(uuid, job["run_id"])
     metrics.instruments().masks_per_job.observe(len(segments))
     log.info("masks_persisted", masks=len(segments), seconds=round(time.perf_counter() - started, 3))
+    # The run's work files stay: they are this stage's input until its hand-off is recorded (notify removes them).
     return self.hand_off(lease, {**job, "mask_count": len(segments)})
 
 
@@ -206,6 +206,7 @@ def notify(self: StageTask, job: dict[str, Any]) -> dict[str, Any]:
             names.queue_delivery(self.app, uuid, run_id)
         return {"uuid": uuid, "status": JobState.FAILED.value}
     lease = self.hold(job, Stage.NOTIFY)
+    self.discard_work(uuid, run_id, raise_outage=True)  # a completed run leaves no work file behind
     if not self.stores.assets.is_published(uuid):
         error = ErrorInfo(code="result_missing", message="the job's result.json is gone (purged?)")
         if not self.lifecycle.fail(uuid, run_id, error, token=lease.token, result_missing=True):
