@@ -5,7 +5,8 @@ Found by the long-outage chaos test (tests/system/test_chaos_outage.py) in CI: p
 deleted the run's work files, then could not record its hand-off (all of AWS went down between the two); its
 retry found masks.npy gone and failed the job `work_missing`. Here the same thing runs in one process on the real
 stores (local blobs, SQLite job store) and Celery's real retry path (`Task.apply` re-runs a retried task at
-once): the job store's answer to the hand-off is replaced by a connection error, the one thing mocked.
+once). Mocked, because they cannot be real in the unit tier: a store's answer replaced by a connection error
+(the outage), and in the notify test the callback's broker publish (the integration and system tiers publish it).
 """
 
 from __future__ import annotations
