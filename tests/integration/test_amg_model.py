@@ -152,10 +152,44 @@ def test_encoder_input_equals_the_predictors(model: Any, image: np.ndarray) -> N
         feats = predictor._features
         expected = gen.decoder.image_state(feats["image_embed"], list(feats["high_res_feats"]))
         ours = gen._encode(image)
-    for name in ("keys0", "pe", "k0", "v0", "q0"):
+    for name in ("keys0", "k0", "v0", "q0"):
         assert torch.equal(getattr(ours, name), getattr(expected, name)), name
-    for a, b in zip(ours.high_res, expected.high_res, strict=True):
+    ours_lists = [*ours.pe_keys, *ours.pe_queries, *ours.high_res]
+    for a, b in zip(ours_lists, [*expected.pe_keys, *expected.pe_queries, *expected.high_res], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 7])
+def test_decoder_equals_sam2s_mask_decoder(model: Any, image: np.ndarray, batch: int) -> None:
+    """The re-associated decoder against SAM-2's own MaskDecoder, called as SAM2ImagePredictor._predict calls it:
+    the same IoU predictions for every prompt, and the same low-res logits for any subset of prompts, whose mask
+    tokens finish their final attention only after the IoU filter picked them."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    gen = FastMaskGenerator(model, points_per_side=POINTS)
+    predictor = SAM2ImagePredictor(model)
+    torch.manual_seed(batch)
+    coords = torch.rand(batch, 1, 2) * 1024
+    labels = torch.ones(batch, 1, dtype=torch.int)
+    with torch.inference_mode():
+        predictor.set_image(image)
+        feats = predictor._features
+        sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        ref_low, ref_iou, _, _ = model.sam_mask_decoder(
+            image_embeddings=feats["image_embed"],
+            image_pe=model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+            repeat_image=True,
+            high_res_features=list(feats["high_res_feats"]),
+        )
+        st = gen.decoder.image_state(feats["image_embed"], list(feats["high_res_feats"]))
+        queries, tokens, keys, iou = gen.decoder.run_transformer(st, coords)
+        sel = torch.arange(batch)[torch.arange(batch) % 2 == 0]  # a subset, as the IoU filter would pick
+        low = gen.decoder.mask_logits(st, queries[sel], tokens[sel], keys[sel])
+    torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(low, ref_low[sel], atol=1e-4, rtol=1e-4)
 
 
 def test_segment_packed_equals_segment(model: Any, image: np.ndarray, tmp_path: Any) -> None:

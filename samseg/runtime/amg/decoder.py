@@ -45,6 +45,18 @@ def _linear_weight(layer: Any) -> tuple[Tensor, Tensor]:
     return weight, layer.bias
 
 
+def _with_ones(x: Tensor) -> Tensor:
+    """[..., d] -> [..., d+1] with a ones column: a per-row bias rides along in the same bmm."""
+    return torch.cat([x, torch.ones_like(x[..., :1])], -1)
+
+
+def _project_heads(layer: Any, x: Tensor, num_heads: int) -> Tensor:
+    """[1, N, C] -> [H, N, d+1]: x through a Linear's weight only (its bias is added per prompt token), split into
+    heads, with a ones column (see `_with_ones`)."""
+    weight, _ = _linear_weight(layer)
+    return _fresh(_with_ones(_heads(F.linear(x, weight), num_heads)[0]))
+
+
 def _quantize(module: nn.Module) -> Any:
     """Dynamic int8 quantisation of a module's Linear layers (CPU kernels: fbgemm / onednn)."""
     from torch.ao.quantization import quantize_dynamic
@@ -89,13 +101,14 @@ class _ConvT2x2(nn.Module):
 
 @dataclass
 class ImageState:
-    """Per-image, prompt-independent decoder inputs."""
+    """Per-image, prompt-independent decoder inputs (head-split tensors are [H, ...], shared by every prompt)."""
 
     keys0: Tensor  # [1, N, C] image embedding + no-mask embedding, flattened
-    pe: Tensor  # [1, N, C] dense positional encoding
-    k0: Tensor  # [1, H, N, d] layer-0 token->image keys
-    v0: Tensor  # [1, H, N, d] layer-0 token->image values
-    q0: Tensor  # [1, H, N, d] layer-0 image->token queries
+    k0: Tensor  # [H, N, d] layer-0 token->image keys
+    v0: Tensor  # [H, N, d] layer-0 token->image values
+    q0: Tensor  # [H, N, d+1] layer-0 image->token queries without their bias, and a ones column
+    pe_keys: list[Tensor]  # [H, d+1, N] per later layer, then the final attention: Wk . pe, and a ones row
+    pe_queries: list[Tensor]  # [H, N, d+1] per later layer: Wq . pe, and a ones column
     high_res: list[Tensor]  # NHWC [feat_s0, feat_s1] (already through conv_s0/conv_s1)
     hw: tuple[int, int]  # embedding grid
 
@@ -166,33 +179,46 @@ class PromptDecoder(nn.Module):
         _, _, h, w = src.shape
         keys0 = src.flatten(2).transpose(1, 2).contiguous()
         pe = pe_grid.flatten(2).transpose(1, 2).contiguous().to(keys0.dtype)
-        layer0 = self.transformer.layers[0]
-        t2i, i2t = layer0.cross_attn_token_to_image, layer0.cross_attn_image_to_token
+        tr = self.transformer
+        t2i, i2t = tr.layers[0].cross_attn_token_to_image, tr.layers[0].cross_attn_image_to_token
         kpe = keys0 + pe
+        later = [layer.cross_attn_token_to_image for layer in tr.layers[1:]] + [tr.final_attn_token_to_image]
         return ImageState(
             keys0=_fresh(keys0),
-            pe=_fresh(pe),
-            k0=_fresh(_heads(t2i.k_proj(kpe), t2i.num_heads)),
-            v0=_fresh(_heads(t2i.v_proj(keys0), t2i.num_heads)),
-            q0=_fresh(_heads(i2t.q_proj(kpe), i2t.num_heads)),
+            k0=_fresh(_heads(t2i.k_proj(kpe), t2i.num_heads)[0]),
+            v0=_fresh(_heads(t2i.v_proj(keys0), t2i.num_heads)[0]),
+            q0=_project_heads(i2t.q_proj, kpe, i2t.num_heads),
+            pe_keys=[_fresh(_project_heads(a.k_proj, pe, a.num_heads).transpose(1, 2)) for a in later],
+            pe_queries=[
+                _project_heads(layer.cross_attn_image_to_token.q_proj, pe, layer.cross_attn_image_to_token.num_heads)
+                for layer in tr.layers[1:]
+            ],
             high_res=[f.permute(0, 2, 3, 1).contiguous() for f in high_res],
             hw=(h, w),
         )
 
     # ---- attention variants ----------------------------------------------------------------------
+    # Shapes: B prompts, T tokens per prompt, N image tokens, C channels, H heads of d channels.
     @staticmethod
-    def _tok2img_pre(attn: Any, q_in: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Tokens attend to the image with precomputed (prompt-independent) image keys/values."""
-        q = _heads(attn.q_proj(q_in), attn.num_heads)
-        p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
-        out: Tensor = attn.out_proj(_merge_heads(torch.matmul(p, v)))
-        return out
+    def _tok2img_first(attn: Any, q_in: Tensor, k0: Tensor, v0: Tensor) -> Tensor:
+        """Layer 0: tokens attend to the shared image keys/values, heads as the batch (no per-prompt copies)."""
+        nh = attn.num_heads
+        b, t, _ = q_in.shape
+        q = _heads(attn.q_proj(q_in), nh)  # [B, H, T, d]
+        d = q.shape[-1]
+        qh = q.transpose(0, 1).reshape(nh, b * t, d) * (1.0 / math.sqrt(d))
+        p = torch.softmax(torch.bmm(qh, k0.transpose(1, 2).to(qh.dtype)), dim=-1)  # [H, B*T, N]
+        out = torch.bmm(p, v0.to(p.dtype)).view(nh, b, t, d).permute(1, 2, 0, 3).reshape(b, t, nh * d)
+        res: Tensor = attn.out_proj(out)
+        return res
 
     @staticmethod
-    def _tok2img(attn: Any, q_in: Tensor, xk: Tensor, xv: Tensor) -> Tensor:
-        """Tokens attend to per-prompt image tokens without projecting the 4096 image tokens.
+    def _tok2img(attn: Any, q_in: Tensor, x: Tensor, pe_k: Tensor) -> Tensor:
+        """Tokens attend to per-prompt image tokens `x` (+ positional encoding) without projecting the N tokens.
 
-        scores = (q Wk) x^T + q.bk and out = (P x) Wv^T + bv (softmax rows sum to 1).
+        scores = (q Wk) x^T + q (Wk pe)^T + q.bk: the first term is one [H*T, C] x [C, N] bmm per prompt, the
+        positional and bias terms one small bmm against the per-image `pe_k`; out = (P x) Wv^T + bv because
+        softmax rows sum to 1. x + pe is never materialised.
         """
         nh = attn.num_heads
         wk, bk = _linear_weight(attn.k_proj)
@@ -200,90 +226,110 @@ class PromptDecoder(nn.Module):
         b, t, c = q_in.shape
         q = _heads(attn.q_proj(q_in), nh)  # [B, H, T, d]
         d = q.shape[-1]
-        scale = 1.0 / math.sqrt(d)
-        qk = torch.einsum("bhtd,hdc->bhtc", q, wk.view(nh, d, c)).reshape(b, nh * t, c) * scale
-        qb = (q * bk.view(1, nh, 1, d)).sum(-1).reshape(b, nh * t, 1) * scale
-        p = torch.softmax(torch.baddbmm(qb, qk, xk.transpose(1, 2)), dim=-1)  # [B, H*T, N]
-        px = torch.bmm(p, xv).view(b, nh, t, c)
-        out = torch.einsum("bhtc,hdc->bhtd", px, wv.view(nh, d, c)) + bv.view(1, nh, 1, d)
+        q = q * (1.0 / math.sqrt(d))
+        qk = torch.einsum("bhtd,hdc->bhtc", q, wk.view(nh, d, c).to(q.dtype)).reshape(b, nh * t, c)
+        qb = (q * bk.view(1, nh, 1, d)).sum(-1, keepdim=True)
+        qa = torch.cat([q, qb], -1).transpose(0, 1).reshape(nh, b * t, d + 1)
+        n = x.shape[1]
+        pos = torch.bmm(qa, pe_k.to(qa.dtype)).view(nh, b, t, n)  # [H, B, T, N]
+        scores = pos.transpose(0, 1).reshape(b, nh * t, n)  # a copy in whole rows, owned: filled in place
+        p = torch.softmax(scores.baddbmm_(qk.to(scores.dtype), x.transpose(1, 2).to(scores.dtype)), dim=-1)
+        px = torch.bmm(p, x.to(p.dtype)).view(b, nh, t, c)
+        out = torch.einsum("bhtc,hdc->bhtd", px, wv.view(nh, d, c).to(px.dtype)) + bv.view(1, nh, 1, d)
         res: Tensor = attn.out_proj(_merge_heads(out))
         return res
 
     @staticmethod
-    def _img2tok(
-        attn: Any, residual: Tensor, xq: Tensor | None, q_pre: Tensor | None, k_in: Tensor, v_in: Tensor
-    ) -> Tensor:
-        """`residual` + image tokens attending to the prompt's tokens, without any 4096-row projection.
+    def _img2tok(attn: Any, residual: Tensor, x: Tensor | None, pos_q: Tensor, k_in: Tensor, v_in: Tensor) -> Tensor:
+        """`residual` + image tokens attending to the prompt's tokens, without any N-row projection.
 
-        Scores are x (Wq^T k^T) (or precomputed layer-0 queries), laid out [B, H, T, N] so the softmax
-        over the few tokens vectorises over N; the output is P^T (v Wo^T + bo/H) because each
-        image token's attention weights sum to 1 per head, which folds bias and residual into one bmm.
+        Scores are laid out [B, N, H*T]: x (Wq^T k^T) + (Wq pe) k^T + bq.k, the last two one small bmm against
+        the per-image `pos_q` (layer 0, x is None: `pos_q` is the image's own queries and that bmm is all).
+        The softmax over each head's T tokens is then contiguous, and the output P (v Wo^T + bo/H) folds the
+        out-projection, its bias (each image token's weights sum to 1 per head) and the residual into one bmm.
+        Later layers update `residual` (the previous layer's keys, no longer needed) in place.
         """
         nh = attn.num_heads
         k = _heads(attn.k_proj(k_in), nh)  # [B, H, T, d]
         v = _heads(attn.v_proj(v_in), nh)
         b, _, t, d = k.shape
-        scale = 1.0 / math.sqrt(d)
-        if q_pre is not None:
-            scores = torch.matmul(k * scale, q_pre.transpose(-1, -2))  # [B, H, T, N]
-        else:
-            assert xq is not None
-            wq, bq = _linear_weight(attn.q_proj)
-            c = xq.shape[-1]
-            a = torch.einsum("bhtd,hdc->bhtc", k, wq.view(nh, d, c)).reshape(b, nh * t, c) * scale
-            ab = (k * bq.view(1, nh, 1, d)).sum(-1).reshape(b, nh * t, 1) * scale
-            scores = torch.baddbmm(ab, a, xq.transpose(1, 2)).view(b, nh, t, -1)
-        p = torch.softmax(scores, dim=2).reshape(b, nh * t, -1)  # softmax over the prompt tokens
+        k = k * (1.0 / math.sqrt(d))
+        wq, bq = _linear_weight(attn.q_proj)
+        c = residual.shape[-1]
+        n = pos_q.shape[1]
+        kb = (k * bq.view(1, nh, 1, d)).sum(-1, keepdim=True)
+        ka = torch.cat([k, kb], -1).permute(1, 3, 0, 2).reshape(nh, d + 1, b * t)
+        pos = torch.bmm(pos_q.to(ka.dtype), ka).view(nh, n, b, t)  # [H, N, B, T]
+        scores = pos.permute(2, 1, 0, 3).reshape(b, n, nh * t)  # a copy, owned: filled in place
+        if x is not None:
+            a = torch.einsum("bhtd,hdc->bhtc", k, wq.view(nh, d, c).to(k.dtype)).reshape(b, nh * t, c)
+            scores.baddbmm_(x.to(scores.dtype), a.transpose(1, 2).to(scores.dtype))
+        p = torch.softmax(scores.view(b, n, nh, t), dim=-1).view(b, n, nh * t)  # over each head's tokens
         wo, bo = _linear_weight(attn.out_proj)
-        c_out = wo.shape[0]
-        m = torch.einsum("bhtd,chd->bhtc", v, wo.view(c_out, nh, d)) + (bo / nh).view(1, 1, 1, c_out)
-        return torch.baddbmm(residual.expand(b, -1, -1), p.transpose(1, 2), m.reshape(b, nh * t, c_out))
+        m = torch.einsum("bhtd,chd->bhtc", v, wo.view(c, nh, d).to(v.dtype)) + (bo / nh).view(1, 1, 1, c)
+        m = m.reshape(b, nh * t, c).to(p.dtype)
+        if x is None:
+            return torch.baddbmm(residual.expand(b, -1, -1).to(p.dtype), p, m)
+        return residual.baddbmm_(p.to(residual.dtype), m.to(residual.dtype))
 
     # ---- per batch -------------------------------------------------------------------------------
-    def run_transformer(self, st: ImageState, coords: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Two-way transformer for B single-point prompts -> (mask tokens, keys, multimask IoU preds)."""
+    def run_transformer(self, st: ImageState, coords: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Two-way transformer for B single-point prompts, as far as the IoU filter needs.
+
+        Returns (queries, tokens, keys, iou): the token states before the final attention, the prompt tokens
+        (their positional encoding), the image tokens after the last layer, and the three multimask IoU
+        predictions. The final token->image attention is per token, so only the IoU token's runs here; the
+        mask tokens' runs in `mask_logits`, for the prompts that pass the filter.
+        """
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int, device=coords.device)
         sparse, _ = self.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         b = sparse.shape[0]
         tokens = torch.cat((self.output_tokens.unsqueeze(0).expand(b, -1, -1).to(sparse.dtype), sparse), 1)
         tr = self.transformer
-        queries, qpe = tokens, tokens
+        queries = tokens
         keys: Tensor | None = None  # None while the image side is still the shared keys0
-        kpe = st.pe
-        for layer in tr.layers:
+        for i, layer in enumerate(tr.layers):
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
             else:
-                q = queries + qpe
+                q = queries + tokens
                 queries = queries + layer.self_attn(q=q, k=q, v=queries)
             queries = layer.norm1(queries)
-            q = queries + qpe
+            q = queries + tokens
+            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
             if keys is None:
-                attn = self._tok2img_pre(layer.cross_attn_token_to_image, q, st.k0, st.v0)
+                attn = self._tok2img_first(t2i, q, st.k0, st.v0)
             else:
-                kpe = keys + st.pe  # shared by both cross attentions of this layer
-                attn = self._tok2img(layer.cross_attn_token_to_image, q, kpe, keys)
+                attn = self._tok2img(t2i, q, keys, st.pe_keys[i - 1])
             queries = layer.norm2(queries + attn)
             queries = layer.norm3(queries + layer.mlp(queries))
-            q = queries + qpe
-            i2t = layer.cross_attn_image_to_token
+            q = queries + tokens
             if keys is None:
                 keys = layer.norm4(self._img2tok(i2t, st.keys0, None, st.q0, q, queries))
             else:
-                keys = layer.norm4(self._img2tok(i2t, keys, kpe, None, q, queries))
+                keys = layer.norm4(self._img2tok(i2t, keys, keys, st.pe_queries[i - 1], q, queries))
         assert keys is not None
-        attn = self._tok2img(tr.final_attn_token_to_image, queries + qpe, keys + st.pe, keys)
-        hs = tr.norm_final_attn(queries + attn)
-        iou = self.iou_head(hs[:, self.s])[:, 1:]  # multimask_output=True drops the single-mask token
-        mask_tokens = hs[:, self.s + 1 : self.s + 1 + self.num_mask_tokens]
-        return mask_tokens, keys, iou
+        iou_token = self._final(st, queries, tokens, keys, slice(self.s, self.s + 1))[:, 0]
+        iou = self.iou_head(iou_token)[:, 1:]  # multimask_output=True drops the single-mask token
+        return queries, tokens, keys, iou
 
-    def upscale(self, st: ImageState, mask_tokens: Tensor, keys: Tensor) -> Tensor:
+    def _final(self, st: ImageState, queries: Tensor, tokens: Tensor, keys: Tensor, which: slice) -> Tensor:
+        """The final token->image attention and norm for the tokens in `which` only (attention is per query)."""
+        tr = self.transformer
+        q = queries[:, which]
+        attn = self._tok2img(tr.final_attn_token_to_image, q + tokens[:, which], keys, st.pe_keys[-1])
+        out: Tensor = tr.norm_final_attn(q + attn)
+        return out
+
+    def mask_logits(self, st: ImageState, queries: Tensor, tokens: Tensor, keys: Tensor) -> Tensor:
         """Low-res (256x256) logits of the three multimask outputs for the given prompts.
 
-        Runs channels-last (NHWC): keys already are, LayerNorm2d becomes a plain layer_norm over the
-        last dim, and oneDNN's transposed convolutions are ~3x faster than on NCHW.
+        Finishes the mask tokens' final attention, then upscales channels-last (NHWC): keys already are,
+        LayerNorm2d becomes a plain layer_norm over the last dim, and oneDNN's transposed convolutions are ~3x
+        faster than on NCHW.
         """
+        first = self.s + 2  # the multimask tokens: after the IoU token and the single-mask token
+        mask_tokens = self._final(st, queries, tokens, keys, slice(first, first + self.num_mask_tokens - 1))
         b, _, c = keys.shape
         h, w = st.hw
         x = self.dc1(keys.view(b, h, w, c))
@@ -294,7 +340,7 @@ class PromptDecoder(nn.Module):
         if self.use_high_res:
             x = x + st.high_res[0]
         x = self.act2(x)
-        hyper = torch.stack([self.hyper[i](mask_tokens[:, i]) for i in range(1, self.num_mask_tokens)], 1)
+        hyper = torch.stack([self.hyper[i](mask_tokens[:, i - 1]) for i in range(1, self.num_mask_tokens)], 1)
         _, hh, ww, cc = x.shape
         masks = torch.bmm(x.reshape(b, hh * ww, cc), hyper.transpose(1, 2).to(x.dtype))
         return masks.transpose(1, 2).reshape(b, -1, hh, ww)

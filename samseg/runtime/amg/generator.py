@@ -304,7 +304,7 @@ class FastMaskGenerator:
             coords = torch.cat([coords, coords[-1:].expand(self._chunk - real, -1, -1)])  # fixed shape
         t0 = time.perf_counter()
         with self._autocast():
-            mask_tokens, keys, iou = self._transformer_fn(ctx.st, coords)
+            queries, tokens, keys, iou = self._transformer_fn(ctx.st, coords)
             iou = iou[:real].float()
             iou_thresh = ctx.params.pred_iou_thresh
             keep = (iou > iou_thresh) | (iou_thresh <= 0.0)  # upstream skips thresh <= 0
@@ -313,7 +313,7 @@ class FastMaskGenerator:
             self.timings["transformer"] += t1 - t0
             if len(sel) == 0:
                 return []
-            low = self.decoder.upscale(ctx.st, mask_tokens[sel], keys[sel]).float()
+            low = self.decoder.mask_logits(ctx.st, queries[sel], tokens[sel], keys[sel]).float()
         keep_sel = keep[sel]
         low = low[keep_sel]  # [m, 256, 256]: point-major, then mask index (upstream's order)
         if ctx.hole_filler is not None:
