@@ -15,7 +15,13 @@ Exact (equal up to float rounding, always on):
     tokens are projected into the 256-d image space instead of projecting 4096 image tokens into
     the 128-d head space ((x W^T) k^T == x (W^T k^T), P (x W^T + b) == (P x) W^T + b), and the
     image->token output projection, bias and residual fold into one bmm; the softmax over the
-    8 prompt tokens is laid out so it vectorises over the 4096 image tokens;
+    8 prompt tokens is contiguous per head ([B, N, H*T] scores); later layers update the keys in place;
+  * the positional encoding is never added to the per-prompt image tokens: its share of the scores,
+    q (Wk pe)^T, is one small per-head bmm against a per-image projection of pe (with the bias terms
+    riding along as a ones column);
+  * the final token->image attention is per query token, so before the IoU filter it runs for the IoU
+    token only; the three multimask tokens finish theirs (and the upscaling) only for prompts the filter
+    kept — a rejected prompt skips 2 of the 7 per-prompt 4096-token matmuls;
   * prompts run in chunks of 4 on CPU by default (points_per_batch; 4 MB per prompt per activation, so each
     block stays under glibc's mmap ceiling and is reused from the heap: see samseg.runtime.allocator and
     docs/performance-cpu.md), at most 16;
