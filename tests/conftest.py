@@ -1,7 +1,8 @@
 """Shared fixtures: a moto SQS server, a random-weight SAM-2 checkpoint, and a samseg "stack" factory.
 
 What is mocked and why: AWS itself (moto server speaks the real SQS HTTP protocol on loopback) and Meta's
-trained weights (a random-initialised checkpoint in the exact format build_sam2 loads). Everything else —
+trained weights (a random-initialised checkpoint in the exact format build_sam2 loads). One fidelity fix to the
+stand-in: moto's DynamoDB calls are made atomic, as DynamoDB's are (tests.support.make_moto_atomic). Everything else —
 Celery workers, kombu's SQS transport, SAM-2's model code, HTTP — is real.
 """
 
@@ -17,7 +18,18 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.support import API_TOKEN, REPO, VENV_BIN, LoopbackServer, Proc, Route, free_port, scene_png, wait_http
+from tests.support import (
+    API_TOKEN,
+    REPO,
+    VENV_BIN,
+    LoopbackServer,
+    Proc,
+    Route,
+    free_port,
+    make_moto_atomic,
+    scene_png,
+    wait_http,
+)
 
 _counter = itertools.count()
 
@@ -30,6 +42,7 @@ def moto_url() -> Iterator[str]:
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
+    make_moto_atomic()  # each DynamoDB call one atomic step, as on AWS (see its docstring: measured races)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

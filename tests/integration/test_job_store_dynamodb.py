@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import secrets
+import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -66,3 +68,59 @@ def test_many_processes_claiming_one_uuid_get_exactly_one_run(store, target):  #
     assert len(runs) == 1, Counter(d for d, _ in outcomes)
     assert {run_id for _, run_id in outcomes} == {runs[0]}  # everyone saw the same run
     assert store.get("job-p").run_id == runs[0]
+
+
+def test_the_stand_in_evaluates_a_condition_and_writes_as_one_step(moto_url):
+    """The exactly-once claim rests on DynamoDB checking a ConditionExpression and writing in one step. moto does
+    not by itself (tests.support.make_moto_atomic); this pins the fix: twelve threads race a create-if-absent on
+    one key, many rounds, with Python switching threads as often as it can, and each round has one winner."""
+    import boto3
+
+    def client():  # one per thread: botocore clients share connection pools, not requests
+        return boto3.client(
+            "dynamodb",
+            endpoint_url=moto_url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+    table = f"race-{secrets.token_hex(4)}"
+    client().create_table(
+        TableName=table,
+        KeySchema=[{"AttributeName": "u", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "u", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    clients = [client() for _ in range(12)]
+    winners: list[list[int]] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # widen the race window the unlocked stand-in had (9 of 150 rounds lost)
+    try:
+        for round_ in range(60):
+            won: list[int] = []
+            start = threading.Barrier(len(clients))
+            threads = [
+                threading.Thread(target=_create_if_absent, args=(c, table, f"k{round_}", start, won)) for c in clients
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            winners.append(won)
+    finally:
+        sys.setswitchinterval(interval)
+    assert [len(won) for won in winners] == [1] * len(winners)
+
+
+def _create_if_absent(client, table: str, key: str, start: threading.Barrier, won: list[int]) -> None:  # type: ignore[no-untyped-def]
+    start.wait()
+    try:
+        client.put_item(
+            TableName=table,
+            Item={"u": {"S": key}, "w": {"N": str(threading.get_ident())}},
+            ConditionExpression="attribute_not_exists(u)",
+        )
+        won.append(threading.get_ident())
+    except client.exceptions.ConditionalCheckFailedException:
+        pass
