@@ -297,3 +297,74 @@ def test_the_segmenter_orders_caps_and_honours_multimask_output(model: Any, imag
     expected = sorted((r for r in ref.generate(image) if r["area"] > 0), key=lambda r: -r["area"])
     assert 0 < len(single.masks) == len(expected) <= POINTS * POINTS  # one mask per prompt, not three
     assert all(np.array_equal(a, b["segmentation"]) for a, b in zip(single.masks, expected, strict=True))
+
+
+# ---- torch.compile (SAMSEG_AMG_COMPILE) ---------------------------------------------------------------------
+def _by_prompt(records: list[dict[str, Any]]) -> dict[tuple[float, float, int], dict[str, Any]]:
+    """Records keyed by their prompt point and rank among that point's masks (by predicted IoU)."""
+    keyed: dict[tuple[float, float, int], dict[str, Any]] = {}
+    for rec in sorted(records, key=lambda r: (tuple(r["point_coords"][0]), -r["predicted_iou"])):
+        x, y = rec["point_coords"][0]
+        rank = sum(1 for k in keyed if k[:2] == (x, y))
+        keyed[(x, y, rank)] = rec
+    return keyed
+
+
+def _assert_same_masks(ref: list[dict[str, Any]], out: list[dict[str, Any]]) -> None:
+    a, b = _by_prompt(ref), _by_prompt(out)
+    assert a.keys() == b.keys()
+    for key, rec in a.items():
+        assert b[key]["predicted_iou"] == pytest.approx(rec["predicted_iou"], abs=1e-4)
+        union = np.count_nonzero(rec["segmentation"] | b[key]["segmentation"])
+        inter = np.count_nonzero(rec["segmentation"] & b[key]["segmentation"])
+        assert (inter / union if union else 1.0) >= 0.99  # random weights: logits sit at 0, a pixel may flip
+
+
+def test_the_compiled_transformer_gives_eager_masks(model: Any, image: np.ndarray) -> None:
+    """SAMSEG_AMG_COMPILE: the real inductor compile at construction (a worker's warm-up), then eager's masks,
+    for the generator's grid (16 prompts, 4 full chunks) and a job's 3x3 grid (9: the last chunk padded)."""
+    from samseg.runtime.amg.params import AmgParams
+
+    eager = FastMaskGenerator(model, points_per_side=POINTS, points_per_batch=4, **REGIMES["filters_off"])  # type: ignore[arg-type]
+    compiled = FastMaskGenerator(
+        model,
+        points_per_side=POINTS,
+        points_per_batch=4,
+        compile=True,
+        **REGIMES["filters_off"],  # type: ignore[arg-type]
+    )
+    assert compiled.compiled
+    _assert_same_masks(eager.generate(image), compiled.generate(image))
+    job = AmgParams(points_per_side=3, **REGIMES["filters_off"])  # type: ignore[arg-type]
+    ref = [m.record() for m in eager.generate_masks(image, job)]
+    assert len(ref) == 3 * 3 * 3
+    _assert_same_masks(ref, [m.record() for m in compiled.generate_masks(image, job)])
+
+
+def test_a_failed_compile_falls_back_to_eager_and_says_why(
+    model: Any, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What SAMSEG_AMG_COMPILE does on CPU in an image without a C++ compiler (the slim images): inductor's real
+    compile fails, the generator logs why and runs eager, and the worker still serves. The one stand-in: inductor's
+    compiler setting points at a path that does not exist (this machine has g++), with its caches off so an
+    earlier compile cannot be reused."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from structlog.testing import capture_logs
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/c++"))
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    torch._dynamo.reset()
+    with capture_logs() as logs:
+        gen = FastMaskGenerator(
+            model,
+            points_per_side=POINTS,
+            points_per_batch=4,
+            compile=True,
+            **REGIMES["filters_off"],  # type: ignore[arg-type]
+        )
+    assert not gen.compiled
+    failed = [e for e in logs if e["event"] == "amg_compile_failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "error", logs
+    assert "C++ compiler" in failed[0]["error"] and failed[0]["fallback"] == "eager"
+    _assert_same_masks(upstream(model, image, "filters_off"), gen.generate(image))

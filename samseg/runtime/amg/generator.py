@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import structlog
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,6 +36,8 @@ from samseg.runtime.amg.params import AmgParams
 
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
+
+log = structlog.get_logger(__name__)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM2Transforms' Normalize
@@ -170,7 +173,24 @@ class FastMaskGenerator:
         self._transformer_fn: Any = self.decoder.run_transformer
         if compile:
             self._transformer_fn = torch.compile(self.decoder.run_transformer, dynamic=False)
-            self._warm_up()
+            try:
+                self._warm_up()
+            except Exception as exc:  # any backend failure: eager gives the same masks
+                # On CPU inductor compiles C++ at run time; the slim images ship no compiler. A speed flag must
+                # not stop a worker from starting: say why, and run eager (exact, the same masks).
+                log.error(
+                    "amg_compile_failed",
+                    error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                    fallback="eager",
+                    hint="install a C++ compiler (g++) in the image for SAMSEG_AMG_COMPILE on CPU, or unset it",
+                )
+                self._transformer_fn = self.decoder.run_transformer
+                self._compiled = False
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the transformer runs compiled (False when SAMSEG_AMG_COMPILE's compile failed)."""
+        return self._compiled
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _autocast(self) -> Any:
