@@ -20,6 +20,7 @@ import pytest
 from samseg.stores.jobs import JobStore
 from tests.unit.test_job_store import (  # noqa: F401  (the unit cases, collected again here against DynamoDB)
     STALE,
+    dynamo_client,
     make_backend,
     store,
     test_a_publisher_that_died_before_publishing_is_resumed_by_the_next_delivery,
@@ -74,25 +75,14 @@ def test_the_stand_in_evaluates_a_condition_and_writes_as_one_step(moto_url):
     """The exactly-once claim rests on DynamoDB checking a ConditionExpression and writing in one step. moto does
     not by itself (tests.support.make_moto_atomic); this pins the fix: twelve threads race a create-if-absent on
     one key, many rounds, with Python switching threads as often as it can, and each round has one winner."""
-    import boto3
-
-    def client():  # one per thread: botocore clients share connection pools, not requests
-        return boto3.client(
-            "dynamodb",
-            endpoint_url=moto_url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-
     table = f"race-{secrets.token_hex(4)}"
-    client().create_table(
+    dynamo_client(moto_url).create_table(
         TableName=table,
         KeySchema=[{"AttributeName": "u", "KeyType": "HASH"}],
         AttributeDefinitions=[{"AttributeName": "u", "AttributeType": "S"}],
         BillingMode="PAY_PER_REQUEST",
     )
-    clients = [client() for _ in range(12)]
+    clients = [dynamo_client(moto_url) for _ in range(12)]  # one per thread
     winners: list[list[int]] = []
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-4)  # widen the race window the unlocked stand-in had (9 of 150 rounds lost)
