@@ -20,6 +20,11 @@ if ! command -v kubectl >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-
   apt-get install -y -qq --no-install-recommends kubectl >/dev/null 2>&1 \
     || echo "warning: could not install kubectl; the kustomize comparison will be skipped"
 fi
+# torch.compile's CPU backend (inductor) compiles C++ at run time: the SAMSEG_AMG_COMPILE test needs g++.
+if ! command -v g++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get install -y -qq --no-install-recommends g++ >/dev/null 2>&1 \
+    || echo "warning: could not install g++; the compiled-transformer test will be skipped"
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

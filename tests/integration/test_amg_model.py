@@ -323,7 +323,12 @@ def _assert_same_masks(ref: list[dict[str, Any]], out: list[dict[str, Any]]) -> 
 def test_the_compiled_transformer_gives_eager_masks(model: Any, image: np.ndarray) -> None:
     """SAMSEG_AMG_COMPILE: the real inductor compile at construction (a worker's warm-up), then eager's masks,
     for the generator's grid (16 prompts, 4 full chunks) and a job's 3x3 grid (9: the last chunk padded)."""
+    import shutil
+
     from samseg.runtime.amg.params import AmgParams
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("no C++ compiler: inductor cannot compile on CPU (scripts/test.sh installs g++ when it can)")
 
     eager = FastMaskGenerator(model, points_per_side=POINTS, points_per_batch=4, **REGIMES["filters_off"])  # type: ignore[arg-type]
     compiled = FastMaskGenerator(
