@@ -8,6 +8,10 @@ step what samseg promises:
 
 - at most one terminal state per run, and a terminal run never changes state again;
 - at most one callback body per `webhook-id` (uuid.run_id);
+- a callback the app server accepted is not sent again while its attempt's holder lives — even when the store
+  went down before the answer was recorded: the holder retries it every RECORD_RETRY_SECONDS of clock while
+  the store is up, and a stale marker is reclaimed, not taken at once. (Excused: an outage that covered the
+  whole reclaim window, the documented residual, and the app server's own re-send of a completed job.);
 - no run ends `failed` after its result was published (persist handed it on);
 - a cancel that reached a live run (ended it, or was recorded for its holder) ends that run `canceled`;
 - the model never starts for a run past its deadline (a segment is first held only before it);
@@ -34,6 +38,7 @@ from samseg.core.contracts import ErrorInfo, JobState, OutboxState, Stage
 from samseg.core.settings import Settings
 from samseg.stores.jobs import Decision, JobBackend, JobStore
 from samseg.stores.lifecycle import (
+    SEND_RECLAIM_SECONDS,
     STAGE_ORDER,
     AttemptResult,
     Busy,
@@ -49,10 +54,11 @@ from samseg.stores.lifecycle import (
 
 UUIDS = ("job-a", "job-b")
 LEASE, GRACE, STALE = 30.0, 10.0, 600.0
+RECORD_RETRY_SECONDS = SEND_RECLAIM_SECONDS / 15  # samseg.worker.outbox's (it imports Celery; this module doesn't)
 
 
-class StoreDown(OSError):
-    """What an unreachable store raises (ECONNREFUSED: samseg.core.errors.is_transient says transient)."""
+class StoreDown(ConnectionRefusedError):
+    """What an unreachable store raises (a refused connection: samseg.core.errors.is_transient says transient)."""
 
     def __init__(self) -> None:
         super().__init__(errno.ECONNREFUSED, "job store unreachable (injected)")
@@ -100,6 +106,12 @@ class World:
     published: set[tuple[str, str]] = field(default_factory=set)  # runs whose persist handed off
     canceled: set[tuple[str, str]] = field(default_factory=set)  # runs a cancel reached while they were live
     segmented: set[tuple[str, str]] = field(default_factory=set)  # runs whose segment stage was held once
+    # Answers a live holder could not record (the store was down), retried as samseg.worker.outbox does.
+    unrecorded: list[tuple[SendTicket, AttemptResult]] = field(default_factory=list)
+    up_since_retry: float = 0.0  # clock seconds with the store up since the holders last retried
+    delivered_live: dict[str, float] = field(default_factory=dict)  # webhook-id → marker of a live holder's 2xx
+    # (webhook-id, marker) → whether an outage happened while that stale marker's reclaim window was open
+    reclaims: dict[tuple[str, float], bool] = field(default_factory=dict)
 
 
 def make_settings() -> Settings:
@@ -188,6 +200,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         if claim.decision is Decision.REDELIVER:
             assert before is not None and before.status is JobState.COMPLETED
             assert claim.record.run_id == before.run_id and claim.record.status is JobState.COMPLETED
+            self.world.delivered_live.pop(f"{uuid}.{claim.record.run_id}", None)  # it asked for it again
         if claim.decision is not Decision.RUN:
             return
         payload = {**first, "run_id": claim.run_id}
@@ -307,16 +320,26 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([1.0, 5.0, LEASE, LEASE + GRACE + 1, STALE + GRACE + 1]))
     def time_passes(self, seconds: float) -> None:
+        if not self.flaky.down:
+            self.world.up_since_retry += seconds
+            if self.world.up_since_retry >= RECORD_RETRY_SECONDS:  # the holders retried within this time
+                self._holders_record()
+                self.world.up_since_retry = 0.0
         self.world.now += seconds
 
     @rule(down=st.sampled_from([True, False, False, False]))
     def the_store_goes(self, down: bool) -> None:
         """The store goes down (for a while: most steps bring it back)."""
         self.flaky.down = down
+        if down:
+            self.world.up_since_retry = 0.0
+            for key in self.world.reclaims:  # an outage inside a reclaim window (closed ones: no matter)
+                self.world.reclaims[key] = True
 
     @rule()
     def the_sweeper_runs(self) -> None:
         actions = self._try(self.lifecycle.sweep)
+        self._note_reclaims()
         for action in actions or []:
             if action.kind is SweepKind.REPUBLISH and action.stage is not None and action.payload is not None:
                 self.world.messages.append(Copy(action.uuid, action.run_id, action.stage, action.payload))
@@ -329,20 +352,75 @@ class LifecycleMachine(RuleBasedStateMachine):
             return
         run_id = record.run_id
         ticket = self._try(lambda: self.lifecycle.begin_send(uuid, run_id))
+        self._sent(ticket)
         if ticket is not None:
             self.world.tickets.append(ticket)
 
     @precondition(lambda self: self.world.tickets)
-    @rule(data=st.data(), answer=st.sampled_from([200, 500, 410, None, "crash"]))
+    @rule(data=st.data(), answer=st.sampled_from([200, 500, 410, None, "crash", "200, then an outage"]))
     def the_app_server_answers(self, data: st.DataObject, answer: int | str | None) -> None:
         ticket = self.world.tickets.pop(data.draw(st.integers(0, len(self.world.tickets) - 1)))
         if answer == "crash":
             return  # the attempt's process died before (or after) sending: its marker runs out
+        outage = answer == "200, then an outage"
+        if outage:  # the chaos run's case: the store goes down between the 2xx and its record, past the marker
+            answer = 200
+            self.the_store_goes(True)
         body = (ticket.status.value, ticket.error.code if ticket.error else None)
         self.world.bodies.setdefault(f"{ticket.uuid}.{ticket.run_id}", set()).add(body)
         status = answer if isinstance(answer, int) else None
         result = AttemptResult(delivered=status == 200, http_status=status, error=None if status == 200 else "injected")
-        self._try(lambda: self.lifecycle.record_attempt(ticket, result))
+        if status == 200:
+            self.world.delivered_live[f"{ticket.uuid}.{ticket.run_id}"] = ticket.marker
+        try:
+            self.lifecycle.record_attempt(ticket, result)
+        except StoreDown:
+            self.world.unrecorded.append((ticket, result))  # the holder keeps it and retries
+        if outage:
+            self.time_passes(ticket.marker - self.world.now + 1)  # still down: nobody records
+            self.the_store_goes(False)
+
+    @precondition(lambda self: self.world.unrecorded)
+    @rule(data=st.data())
+    def a_holder_with_an_unrecorded_answer_dies(self, data: st.DataObject) -> None:
+        """Its answer dies with it: the marker runs out and the callback may be sent again (documented)."""
+        ticket, _ = self.world.unrecorded.pop(data.draw(st.integers(0, len(self.world.unrecorded) - 1)))
+        self.world.delivered_live.pop(f"{ticket.uuid}.{ticket.run_id}", None)
+
+    def _holders_record(self) -> None:
+        """The holders' retry round (samseg.worker.outbox.UnrecordedAttempts.record_all)."""
+        for item in list(self.world.unrecorded):
+            ticket, result = item
+            try:
+                self.lifecycle.record_attempt(ticket, result)
+            except StoreDown:
+                continue
+            self.world.unrecorded.remove(item)  # recorded, or its marker was taken over (checked at that send)
+
+    def _sent(self, ticket: SendTicket | None) -> None:
+        """After a begin_send: a send of a callback a live holder had delivered must be excused; note newly
+        opened reclaim windows."""
+        if ticket is not None:
+            webhook_id = f"{ticket.uuid}.{ticket.run_id}"
+            marker = self.world.delivered_live.pop(webhook_id, None)
+            if marker is not None:
+                assert self.world.reclaims.get((webhook_id, marker)), (
+                    f"{webhook_id}: sent again a callback its live holder had delivered, with no outage over the "
+                    "whole reclaim window"
+                )
+        self._note_reclaims()
+
+    def _note_reclaims(self) -> None:
+        self.flaky.down, was_down = False, self.flaky.down
+        try:
+            for uuid in UUIDS:
+                record = self.store.get(uuid)
+                box = record.callback if record is not None else None
+                if record is None or box is None or box.reclaim_at is None or box.sending_until is None:
+                    continue
+                self.world.reclaims.setdefault((f"{uuid}.{record.run_id}", box.sending_until), False)
+        finally:
+            self.flaky.down = was_down
 
     # --- what must always hold ------------------------------------------------------------------------------
     @invariant()
@@ -361,6 +439,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.flaky.down = False
         self.world.holders.clear()  # whatever was in flight died with the faults
         self.world.tickets.clear()
+        self.world.unrecorded.clear()
+        self.world.delivered_live.clear()
         for _ in range(200):
             self.world.now += LEASE + GRACE + 1
             for action in self.lifecycle.sweep():

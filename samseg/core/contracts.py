@@ -287,7 +287,8 @@ class Stage(StrEnum):
 class OutboxState(StrEnum):
     """Where a run's one terminal callback is (samseg.worker.lifecycle's outbox).
 
-    pending: due at `next_attempt_at`; sending: an attempt holds the send marker until `sending_until`;
+    pending: due at `next_attempt_at`; sending: an attempt holds the send marker until `sending_until` (once
+    that has passed, another attempt takes it over at `reclaim_at`, leaving a live holder time to record);
     delivered: the app server answered 2xx; gone: it answered 410 (stop); rejected: it answered another 4xx
     (the body will not change, so it is not retried); expired: the delivery horizon
     (SAMSEG_CALLBACK_HORIZON_SECONDS) or SAMSEG_CALLBACK_MAX_ATTEMPTS was spent; skipped: no app server is
@@ -314,6 +315,7 @@ class CallbackStatus(BaseModel):
     first_attempt_at: float | None = None
     next_attempt_at: float | None = None
     sending_until: float | None = None
+    reclaim_at: float | None = None
 
     @property
     def open(self) -> bool:

@@ -29,6 +29,13 @@ on the newer record. The rules that make every run end in exactly one outcome *b
   marker (`begin_send`: pending → sending, one CAS, so two senders never both send) and record their outcome
   (`record_attempt`: delivered, gone (410), rejected (other 4xx), or pending again after a backoff until
   SAMSEG_CALLBACK_HORIZON_SECONDS or SAMSEG_CALLBACK_MAX_ATTEMPTS is spent → expired).
+- **A send marker that ran out is taken over in two steps**: the first attempt (or sweep) that finds it stale
+  only writes `reclaim_at` (SEND_RECLAIM_SECONDS on); the marker is taken — and the callback sent again — only
+  at or after that. The marker's holder may be alive and already answered 2xx, unable to record it while the
+  job store was unreachable; it keeps trying (samseg.worker.outbox) and, the store reachable again, records
+  within the window, so a store outage alone never sends a delivered callback twice. Only a holder that died
+  (or that the store stayed unreachable to for the whole window) leaves the app server an identical callback
+  (same `webhook-id`) again.
 - **A cancel is one write too** (`cancel`): a run no stage holds ends `canceled` at once (outbox opened in the
   same write); a held run is marked `cancel_requested` and only its holder ends it — at `hand_off`,
   `complete`, `fail`, or mid-work (`end_canceled`, when the segmenter sees the mark between decoder batches)
@@ -67,6 +74,10 @@ STAGE_ORDER = (Stage.DOWNLOAD, Stage.SEGMENT, Stage.PERSIST, Stage.NOTIFY)
 # A job's deadline (`ttl_seconds`) is checked when these stages start: past it, the model never runs.
 BEFORE_MODEL = frozenset({Stage.DOWNLOAD, Stage.SEGMENT})
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+# How long a stale send marker's holder is given to record its outcome once another attempt (or the sweeper)
+# has seen the marker stale with the store reachable: several times the interval at which a live holder retries
+# an unrecorded outcome (samseg.worker.outbox.RECORD_RETRY_SECONDS).
+SEND_RECLAIM_SECONDS = 30.0
 
 
 def published(r: JobRecord) -> bool:
@@ -468,6 +479,8 @@ class Lifecycle:
             due = box.state is OutboxState.PENDING and (box.next_attempt_at or 0) <= now + 1
             if not (due or stale_marker):
                 return None, None
+            if stale_marker and not self._reclaimable(box, now):
+                return None, self._reclaiming(r, box, now)
             if not self.settings.app_server_url:
                 skipped = box.model_copy(update={"state": OutboxState.SKIPPED, "error": "no app server configured"})
                 return None, replace(r, callback=skipped, sweep_due=None)
@@ -477,6 +490,7 @@ class Lifecycle:
                 update={
                     "state": OutboxState.SENDING,
                     "sending_until": marker,
+                    "reclaim_at": None,
                     "first_attempt_at": box.first_attempt_at or now,
                 }
             )
@@ -484,6 +498,18 @@ class Lifecycle:
 
         ticket, _ = self._transition(uuid, decide)
         return ticket if isinstance(ticket, SendTicket) else None
+
+    @staticmethod
+    def _reclaimable(box: CallbackStatus, now: float) -> bool:
+        """A stale marker may be taken over: its reclaim window, opened by an earlier look, has passed."""
+        return box.reclaim_at is not None and box.reclaim_at <= now
+
+    def _reclaiming(self, r: JobRecord, box: CallbackStatus, now: float) -> JobRecord | None:
+        """The first look at a stale marker: open its reclaim window (once), and look again when it closes."""
+        if box.reclaim_at is not None:
+            return None  # already open
+        until = now + SEND_RECLAIM_SECONDS
+        return replace(r, callback=box.model_copy(update={"reclaim_at": until}), sweep_due=until)
 
     def record_attempt(self, ticket: SendTicket, result: AttemptResult) -> CallbackStatus | None:
         """Record one attempt's outcome under its marker; the outbox afterwards (None: the marker was lost)."""
@@ -500,6 +526,7 @@ class Lifecycle:
                 "http_status": result.http_status,
                 "error": result.error,
                 "sending_until": None,
+                "reclaim_at": None,
             }
             if result.delivered:
                 update |= {"state": OutboxState.DELIVERED, "delivered": True, "next_attempt_at": None, "error": None}
@@ -603,7 +630,11 @@ class Lifecycle:
         if box.state is OutboxState.SENDING:
             if (box.sending_until or 0) >= now:
                 return None, None
-            box = box.model_copy(update={"state": OutboxState.PENDING, "sending_until": None, "next_attempt_at": now})
+            if not self._reclaimable(box, now):
+                return None, self._reclaiming(r, box, now)
+            box = box.model_copy(
+                update={"state": OutboxState.PENDING, "sending_until": None, "reclaim_at": None, "next_attempt_at": now}
+            )
         # The attempt's own message was lost (or waits in a backlog): queue one; look again after a while.
         return SweepAction(SweepKind.DELIVER, r.uuid, r.run_id), replace(
             r, callback=box, sweep_due=now + 5 * self.grace

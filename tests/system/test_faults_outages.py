@@ -24,15 +24,20 @@ from typing import Any
 
 import httpx
 
+from samseg.core.contracts import OutboxState
+from samseg.stores.lifecycle import Lifecycle
 from tests.faults_support import (
+    CALLBACK_PREFIX,
     count_events,
     events,
     is_callback,
+    outbox_state,
     settled_callbacks,
+    stack_stores,
     task_received,
     wait_until,
 )
-from tests.support import AUTH, VENV_BIN, TcpProxy
+from tests.support import AUTH, VENV_BIN, Route, TcpProxy
 
 LAZY = {"SAMSEG_PRELOAD_MODEL": "false", "SAMSEG_AMG_POINTS_PER_SIDE": "2"}
 
@@ -94,6 +99,54 @@ def test_job_store_outage_mid_chain_is_retried_and_the_job_completes_once(make_s
     (body,) = [r.json() for r in sent]
     assert body["status"] == "completed" and body["segments"], body
     assert count_events(worker, "job_failed", uuid) == 0
+
+
+def test_a_callback_answered_just_before_a_job_store_outage_is_recorded_after_it_and_sent_once(
+    make_stack, images, app_server, moto_url
+):
+    """Regression (CI of stop 23: the chaos run's app server accepted `outage-06`'s callback twice). An attempt
+    got 200, the job store went down before the answer was recorded and stayed down past the send marker; once
+    it was back, another attempt took the run-out marker and PATCHed again. Now the worker keeps the answer and
+    records it when the store is back, and the other attempt — played here by the test, which reaches the store
+    directly while the worker cannot (a partition), the moment the marker has run out — only opens a reclaim
+    window: it sends nothing, and the late record lands inside that window."""
+    with TcpProxy("127.0.0.1", int(moto_url.rsplit(":", 1)[1])) as dynamo:
+        # A 2 s callback timeout makes the send marker 14 s (2 x timeout + 10): the outage outlasts it sooner.
+        stack = _dynamo_stack(
+            make_stack, dynamo, SAMSEG_APP_SERVER_URL=app_server.url, SAMSEG_CALLBACK_TIMEOUT_SECONDS="2", **LAZY
+        )
+        _, stores = stack_stores({**stack.env, "AWS_ENDPOINT_URL_DYNAMODB": moto_url})  # the test's view, never cut
+        settings, _ = stack_stores(stack.env)
+        other_attempt = Lifecycle(stores.jobs, settings)
+        uuid = "answered-then-outage-1"
+
+        def accept_then_cut_the_store(_: Any) -> Route:
+            dynamo.refuse()
+            return Route(200, b"{}", {"Content-Type": "application/json"})
+
+        app_server.routes[CALLBACK_PREFIX + uuid] = accept_then_cut_the_store
+        worker = stack.start_worker("-c", "2")
+        stack.send_raw(json.dumps({"uuid": uuid, "image_url": f"{images.url}/ok.png"}))
+        app_server.wait_for(is_callback(uuid), timeout=240)
+        wait_until(lambda: count_events(worker, "callback_outcome_unrecorded", uuid) == 1, 30, "the answer kept")
+        record = stores.jobs.get(uuid)
+        assert record is not None and record.callback is not None and record.callback.state is OutboxState.SENDING
+        marker = record.callback.sending_until
+        assert marker is not None
+        wait_until(lambda: time.time() > marker + 1, marker - time.time() + 30, "the send marker to run out")
+        assert other_attempt.begin_send(uuid, record.run_id or "") is None  # the old way: a ticket, a second PATCH
+        reclaim_at = stores.jobs.get(uuid).callback.reclaim_at
+        assert reclaim_at is not None and reclaim_at > time.time()
+        dynamo.restore()
+        wait_until(lambda: outbox_state(stack, uuid) == "delivered", 30, "the late record")
+        assert time.time() < reclaim_at  # recorded inside the window
+        app_server.routes.pop(CALLBACK_PREFIX + uuid)
+        (late,) = [e for e in events(worker) if e.get("event") == "callback_outcome_recorded_late"]
+        assert late["marker_lost"] is False, late
+        sent = settled_callbacks(stack, app_server, uuid, timeout=150)
+    assert len(sent) == 1 and sent[0].json()["status"] == "completed"
+    box = stores.jobs.get(uuid).callback
+    assert box.attempts == 1 and box.delivered and box.reclaim_at is None, box
 
 
 def test_a_task_that_kills_its_worker_every_time_ends_failed_with_worker_lost(make_stack, images, app_server):

@@ -15,6 +15,7 @@ import pytest
 from samseg.core.contracts import ErrorInfo, JobState, OutboxState, Stage
 from samseg.stores.jobs import PUBLISH_LEASE_SECONDS, Decision, JobStore
 from samseg.stores.lifecycle import (
+    SEND_RECLAIM_SECONDS,
     AttemptResult,
     Busy,
     CancelOutcome,
@@ -230,13 +231,43 @@ def test_two_attempts_at_once_get_one_send_marker(life: Lifecycle, clock: Clock)
     first = life.begin_send("job", run)
     assert first is not None
     assert life.begin_send("job", run) is None  # the second attempt sees the marker: it does not send
-    # The first attempt's process dies while sending: once its marker runs out, the sweeper queues another.
+    # The first attempt's process dies while sending. Once its marker runs out, the sweeper first opens a
+    # reclaim window (a live holder could still record), then, the window over, queues another attempt.
     clock.now = first.marker + GRACE + 1
+    assert life.sweep() == []
+    box = life.jobs.get("job").callback
+    assert box is not None and box.state is OutboxState.SENDING and box.reclaim_at == clock.now + SEND_RECLAIM_SECONDS
+    assert life.begin_send("job", run) is None
+    clock.now = box.reclaim_at + 1
     (action,) = life.sweep()
     assert action.kind is SweepKind.DELIVER
     again = life.begin_send("job", run)
     assert again is not None and again.marker != first.marker
     assert life.record_attempt(first, AttemptResult(True, 200)) is None  # the stale attempt records nothing
+
+
+def test_a_holder_that_could_not_record_through_an_outage_records_before_its_marker_is_taken(
+    life: Lifecycle, clock: Clock
+):
+    """The chaos run's duplicate (CI, stop 23): an attempt got 2xx, the job store went down before the answer
+    was recorded, and once the store was back another attempt took the run-out marker and PATCHed again. Now a
+    stale marker is only reclaimed: the holder, retrying, records within the window and nothing is sent again."""
+    run = started(life, clock)
+    hold = life.start_stage("job", run, Stage.DOWNLOAD, {"uuid": "job", "run_id": run})
+    assert isinstance(hold, Hold) and life.fail("job", run, ERROR, token=hold.token)
+    first = life.begin_send("job", run)
+    assert first is not None
+    clock.now = first.marker + 180  # a three-minute outage: the answer (2xx) waits in the holder's process
+    assert life.begin_send("job", run) is None  # the message's redelivery: it opens the window, sends nothing
+    reclaim_at = life.jobs.get("job").callback.reclaim_at
+    assert reclaim_at == clock.now + SEND_RECLAIM_SECONDS
+    assert life.begin_send("job", run) is None and life.sweep() == []  # inside the window: nobody sends
+    clock.now += SEND_RECLAIM_SECONDS / 15  # the holder's next try
+    box = life.record_attempt(first, AttemptResult(True, 200))
+    assert box is not None and box.state is OutboxState.DELIVERED and box.reclaim_at is None
+    clock.now = reclaim_at + 1
+    assert life.begin_send("job", run) is None and life.sweep() == []
+    assert life.jobs.get("job").callback.attempts == 1
 
 
 def test_a_stage_whose_holders_keep_dying_ends_worker_lost_on_its_own(life: Lifecycle, clock: Clock):

@@ -86,6 +86,15 @@ def test_the_machine_catches_a_lifecycle_that_drops_a_cancel_or_a_deadline(
     expect_the_machine_to_fail(tmp_path, r"cancel|deadline")
 
 
+def test_the_machine_catches_a_stale_send_marker_taken_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reclaim window's property can fail: taking a run-out send marker at once (what samseg did before
+    stop 24) sends a callback again that a live holder had delivered but could not record in an outage."""
+    from samseg.stores import lifecycle
+
+    monkeypatch.setattr(lifecycle.Lifecycle, "_reclaimable", staticmethod(lambda box, now: True))
+    expect_the_machine_to_fail(tmp_path, r"sent again")
+
+
 def expect_the_machine_to_fail(tmp_path: Path, match: str) -> None:
     """Run the machine on fresh SQLite stores (new examples only, no replay database) against a lifecycle a test
     broke on purpose: some example must violate a property whose message matches `match`."""
