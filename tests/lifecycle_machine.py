@@ -57,6 +57,16 @@ LEASE, GRACE, STALE = 30.0, 10.0, 600.0
 RECORD_RETRY_SECONDS = SEND_RECLAIM_SECONDS / 15  # samseg.worker.outbox's (it imports Celery; this module doesn't)
 
 
+class Clock:
+    """The lifecycle's injectable clock, for scenario tests that move time by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class StoreDown(ConnectionRefusedError):
     """What an unreachable store raises (a refused connection: samseg.core.errors.is_transient says transient)."""
 

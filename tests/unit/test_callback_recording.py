@@ -23,15 +23,7 @@ from samseg.stores.lifecycle import SEND_RECLAIM_SECONDS, AttemptResult, Hold, L
 from samseg.stores.sql_jobs import SqlJobs
 from samseg.worker import chain as names
 from samseg.worker.outbox import RECORD_RETRY_SECONDS, UnrecordedAttempts
-from tests.lifecycle_machine import GRACE, STALE, FlakyBackend, StoreDown, make_settings
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.lifecycle_machine import GRACE, STALE, Clock, FlakyBackend, StoreDown, make_settings
 
 
 @pytest.fixture

@@ -28,17 +28,9 @@ from samseg.stores.lifecycle import (
     SweepKind,
 )
 from samseg.stores.sql_jobs import SqlJobs
-from tests.lifecycle_machine import GRACE, LEASE, STALE, make_settings
+from tests.lifecycle_machine import GRACE, LEASE, STALE, Clock, make_settings
 
 ERROR = ErrorInfo(code="model_error", message="boom")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
