@@ -159,13 +159,35 @@ def test_encoder_input_equals_the_predictors(model: Any, image: np.ndarray) -> N
         assert torch.equal(a, b)
 
 
+def _with_trained_like_norms(model: Any) -> Any:
+    """A copy of `model` whose mask decoder LayerNorms are not the identity.
+
+    A freshly initialised LayerNorm has weight 1 and bias 0, and a random checkpoint keeps them so; a trained one
+    does not. The decoder folds the last layer's norm (its mean, rstd, weight and bias) into the IoU token's
+    final attention (PromptDecoder._last_layer_and_iou_attention), which only a non-trivial norm can test.
+    """
+    import copy
+
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in other.sam_mask_decoder.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=gen))
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.5)
+    return other
+
+
+@pytest.mark.parametrize("norms", ["initial", "trained-like"])
 @pytest.mark.parametrize("batch", [1, 4, 7])
-def test_decoder_equals_sam2s_mask_decoder(model: Any, image: np.ndarray, batch: int) -> None:
+def test_decoder_equals_sam2s_mask_decoder(model: Any, image: np.ndarray, batch: int, norms: str) -> None:
     """The re-associated decoder against SAM-2's own MaskDecoder, called as SAM2ImagePredictor._predict calls it:
     the same IoU predictions for every prompt, and the same low-res logits for any subset of prompts, whose mask
     tokens finish their final attention only after the IoU filter picked them."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
+    if norms == "trained-like":
+        model = _with_trained_like_norms(model)
     gen = FastMaskGenerator(model, points_per_side=POINTS)
     predictor = SAM2ImagePredictor(model)
     torch.manual_seed(batch)

@@ -14,14 +14,18 @@ Exact (equal up to float rounding, always on):
   * every other attention over the 4096 image tokens is re-associated so that the prompt's few
     tokens are projected into the 256-d image space instead of projecting 4096 image tokens into
     the 128-d head space ((x W^T) k^T == x (W^T k^T), P (x W^T + b) == (P x) W^T + b), and the
-    image->token output projection, bias and residual fold into one bmm; the softmax over the
-    8 prompt tokens is contiguous per head ([B, N, H*T] scores); later layers update the keys in place;
+    image->token output projection, bias and residual fold into one bmm; the image->token scores are laid
+    out [B, N, T*H] so that the softmax over the 8 prompt tokens vectorises across the heads; later layers
+    update the keys in place;
   * the positional encoding is never added to the per-prompt image tokens: its share of the scores,
     q (Wk pe)^T, is one small per-head bmm against a per-image projection of pe (with the bias terms
     riding along as a ones column);
   * the final token->image attention is per query token, so before the IoU filter it runs for the IoU
     token only; the three multimask tokens finish theirs (and the upscaling) only for prompts the filter
-    kept — a rejected prompt skips 2 of the 7 per-prompt 4096-token matmuls;
+    kept — a rejected prompt skips 2 of the 7 per-prompt 4096-token matmuls; the IoU token's own scores
+    ride as 8 extra columns in the last layer's image->token scores bmm (the last LayerNorm is affine per
+    image token once native_layer_norm has its mean and rstd), so no separate pass over the final image
+    tokens computes them;
   * prompts run in chunks of 4 on CPU by default (points_per_batch; 4 MB per prompt per activation, so each
     block stays under glibc's mmap ceiling and is reused from the heap: see samseg.runtime.allocator and
     docs/performance-cpu.md), at most 16;

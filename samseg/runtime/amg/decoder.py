@@ -221,8 +221,20 @@ class PromptDecoder(nn.Module):
         softmax rows sum to 1. x + pe is never materialised.
         """
         nh = attn.num_heads
+        b, t, _ = q_in.shape
+        qk, qa = PromptDecoder._t2i_query(attn, q_in)
+        n = x.shape[1]
+        pos = torch.bmm(qa, pe_k.to(qa.dtype)).view(nh, b, t, n)  # [H, B, T, N]
+        scores = pos.transpose(0, 1).reshape(b, nh * t, n)  # a copy in whole rows, owned: filled in place
+        p = torch.softmax(scores.baddbmm_(qk.to(scores.dtype), x.transpose(1, 2).to(scores.dtype)), dim=-1)
+        return PromptDecoder._t2i_output(attn, p, x, t)
+
+    @staticmethod
+    def _t2i_query(attn: Any, q_in: Tensor) -> tuple[Tensor, Tensor]:
+        """Token->image queries [B, T, C] -> (qk [B, H*T, C]: each head's scaled query through Wk, so that scores
+        are qk . x^T; qa [H, B*T, d+1]: the scaled query with its bias term q.bk, for the bmm against `pe_k`)."""
+        nh = attn.num_heads
         wk, bk = _linear_weight(attn.k_proj)
-        wv, bv = _linear_weight(attn.v_proj)
         b, t, c = q_in.shape
         q = _heads(attn.q_proj(q_in), nh)  # [B, H, T, d]
         d = q.shape[-1]
@@ -230,24 +242,43 @@ class PromptDecoder(nn.Module):
         qk = torch.einsum("bhtd,hdc->bhtc", q, wk.view(nh, d, c).to(q.dtype)).reshape(b, nh * t, c)
         qb = (q * bk.view(1, nh, 1, d)).sum(-1, keepdim=True)
         qa = torch.cat([q, qb], -1).transpose(0, 1).reshape(nh, b * t, d + 1)
-        n = x.shape[1]
-        pos = torch.bmm(qa, pe_k.to(qa.dtype)).view(nh, b, t, n)  # [H, B, T, N]
-        scores = pos.transpose(0, 1).reshape(b, nh * t, n)  # a copy in whole rows, owned: filled in place
-        p = torch.softmax(scores.baddbmm_(qk.to(scores.dtype), x.transpose(1, 2).to(scores.dtype)), dim=-1)
+        return qk, qa
+
+    @staticmethod
+    def _t2i_output(attn: Any, p: Tensor, x: Tensor, t: int) -> Tensor:
+        """Token->image output from the attention weights `p` [B, H*T, N] (rows sum to 1): (P x) Wv^T + bv."""
+        nh = attn.num_heads
+        wv, bv = _linear_weight(attn.v_proj)
+        b, _, c = x.shape
+        d = wv.shape[0] // nh
         px = torch.bmm(p, x.to(p.dtype)).view(b, nh, t, c)
         out = torch.einsum("bhtc,hdc->bhtd", px, wv.view(nh, d, c).to(px.dtype)) + bv.view(1, nh, 1, d)
         res: Tensor = attn.out_proj(_merge_heads(out))
         return res
 
     @staticmethod
-    def _img2tok(attn: Any, residual: Tensor, x: Tensor | None, pos_q: Tensor, k_in: Tensor, v_in: Tensor) -> Tensor:
+    def _img2tok(
+        attn: Any,
+        residual: Tensor,
+        x: Tensor | None,
+        pos_q: Tensor,
+        k_in: Tensor,
+        v_in: Tensor,
+        extra: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """`residual` + image tokens attending to the prompt's tokens, without any N-row projection.
 
-        Scores are laid out [B, N, H*T]: x (Wq^T k^T) + (Wq pe) k^T + bq.k, the last two one small bmm against
-        the per-image `pos_q` (layer 0, x is None: `pos_q` is the image's own queries and that bmm is all).
-        The softmax over each head's T tokens is then contiguous, and the output P (v Wo^T + bo/H) folds the
-        out-projection, its bias (each image token's weights sum to 1 per head) and the residual into one bmm.
+        Scores are laid out [B, N, T*H] (token-major): x (Wq^T k^T) + (Wq pe) k^T + bq.k, the last two one small
+        bmm against the per-image `pos_q` (layer 0, x is None: `pos_q` is the image's own queries and that bmm is
+        all). The softmax over each head's T tokens then runs over a strided dim whose inner dim is the H heads,
+        which vectorises (0.28 vs 0.48 ms per prompt, measured alone, for a softmax over contiguous rows of 8). The output
+        P (v Wo^T + bo/H) folds the out-projection, its bias (each image token's weights sum to 1 per head) and
+        the residual into one bmm.
         Later layers update `residual` (the previous layer's keys, no longer needed) in place.
+
+        Returns (the updated image tokens, x . extra^T [B, N, E] when `extra` [B, E, C] is given, P [B, N, T*H],
+        M [B, T*H, C]) so that the caller can finish work that depends on x without another pass over it: the
+        extra rows ride in the scores' bmm, which reads x anyway.
         """
         nh = attn.num_heads
         k = _heads(attn.k_proj(k_in), nh)  # [B, H, T, d]
@@ -260,17 +291,29 @@ class PromptDecoder(nn.Module):
         kb = (k * bq.view(1, nh, 1, d)).sum(-1, keepdim=True)
         ka = torch.cat([k, kb], -1).permute(1, 3, 0, 2).reshape(nh, d + 1, b * t)
         pos = torch.bmm(pos_q.to(ka.dtype), ka).view(nh, n, b, t)  # [H, N, B, T]
-        scores = pos.permute(2, 1, 0, 3).reshape(b, n, nh * t)  # a copy, owned: filled in place
+        x_extra: Tensor | None = None
+        if extra is None:
+            scores = pos.permute(2, 1, 3, 0).reshape(b, n, t * nh)  # a copy, owned: filled in place
+            buf = scores
+        else:
+            e = extra.shape[1]
+            buf = torch.empty(b, n, t * nh + e, dtype=pos.dtype, device=pos.device)
+            scores = buf[..., : t * nh]
+            scores.view(b, n, t, nh).copy_(pos.permute(2, 1, 3, 0))
+            buf[..., t * nh :].zero_()
+            x_extra = buf[..., t * nh :]
         if x is not None:
-            a = torch.einsum("bhtd,hdc->bhtc", k, wq.view(nh, d, c).to(k.dtype)).reshape(b, nh * t, c)
-            scores.baddbmm_(x.to(scores.dtype), a.transpose(1, 2).to(scores.dtype))
-        p = torch.softmax(scores.view(b, n, nh, t), dim=-1).view(b, n, nh * t)  # over each head's tokens
+            a = torch.einsum("bhtd,hdc->bthc", k, wq.view(nh, d, c).to(k.dtype)).reshape(b, t * nh, c)
+            if extra is not None:
+                a = torch.cat([a, extra.to(a.dtype)], 1)
+            buf.baddbmm_(x.to(buf.dtype), a.transpose(1, 2).to(buf.dtype))
+        p = torch.softmax(scores.view(b, n, t, nh), dim=2).view(b, n, t * nh)  # over each head's tokens
         wo, bo = _linear_weight(attn.out_proj)
-        m = torch.einsum("bhtd,chd->bhtc", v, wo.view(c, nh, d).to(v.dtype)) + (bo / nh).view(1, 1, 1, c)
-        m = m.reshape(b, nh * t, c).to(p.dtype)
+        m = torch.einsum("bhtd,chd->bthc", v, wo.view(c, nh, d).to(v.dtype)) + (bo / nh).view(1, 1, 1, c)
+        m = m.reshape(b, t * nh, c).to(p.dtype)
         if x is None:
-            return torch.baddbmm(residual.expand(b, -1, -1).to(p.dtype), p, m)
-        return residual.baddbmm_(p.to(residual.dtype), m.to(residual.dtype))
+            return torch.baddbmm(residual.expand(b, -1, -1).to(p.dtype), p, m), x_extra, p, m
+        return residual.baddbmm_(p.to(residual.dtype), m.to(residual.dtype)), x_extra, p, m
 
     # ---- per batch -------------------------------------------------------------------------------
     def run_transformer(self, st: ImageState, coords: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -288,6 +331,7 @@ class PromptDecoder(nn.Module):
         tr = self.transformer
         queries = tokens
         keys: Tensor | None = None  # None while the image side is still the shared keys0
+        iou_attn: Tensor | None = None  # the IoU token's final attention, folded into the last layer
         for i, layer in enumerate(tr.layers):
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
@@ -305,21 +349,55 @@ class PromptDecoder(nn.Module):
             queries = layer.norm3(queries + layer.mlp(queries))
             q = queries + tokens
             if keys is None:
-                keys = layer.norm4(self._img2tok(i2t, st.keys0, None, st.q0, q, queries))
+                keys = layer.norm4(self._img2tok(i2t, st.keys0, None, st.q0, q, queries)[0])
+            elif i < len(tr.layers) - 1:
+                keys = layer.norm4(self._img2tok(i2t, keys, keys, st.pe_queries[i - 1], q, queries)[0])
             else:
-                keys = layer.norm4(self._img2tok(i2t, keys, keys, st.pe_queries[i - 1], q, queries))
+                keys, iou_attn = self._last_layer_and_iou_attention(st, layer, queries, tokens, keys)
         assert keys is not None
-        iou_token = self._final(st, queries, tokens, keys, slice(self.s, self.s + 1))[:, 0]
+        if iou_attn is None:  # a one-layer transformer: no later layer to fold it into
+            iou_attn = self._final_attention(st, queries, tokens, keys, slice(self.s, self.s + 1))
+        iou_token = tr.norm_final_attn(queries[:, self.s : self.s + 1] + iou_attn)[:, 0]
         iou = self.iou_head(iou_token)[:, 1:]  # multimask_output=True drops the single-mask token
         return queries, tokens, keys, iou
 
-    def _final(self, st: ImageState, queries: Tensor, tokens: Tensor, keys: Tensor, which: slice) -> Tensor:
-        """The final token->image attention and norm for the tokens in `which` only (attention is per query)."""
+    def _last_layer_and_iou_attention(
+        self, st: ImageState, layer: Any, queries: Tensor, tokens: Tensor, keys: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The last layer's image->token attention and norm, and the IoU token's final token->image attention.
+
+        The final attention's scores are s = q_f Wk (LN(y) + pe)^T + q_f.bk per head, with y = keys + P M the
+        last layer's update. LayerNorm is affine per image token once its mean and rstd are known, so with
+        A = q_f Wk (one row per head) and g, beta the norm's weight and bias:
+            LN(y) A^T = rstd * (keys (g*A)^T + P (M (g*A)^T) - mean * (g.A)) + beta.A
+        keys (g*A)^T rides as H extra columns in the layer's own scores bmm, which reads `keys` anyway, and
+        native_layer_norm returns mean and rstd; this replaces a separate pass over LN(y) for H rows of scores
+        (~0.7 ms per prompt on 2 CPU cores). Exact up to float rounding (tested against SAM-2's MaskDecoder).
+        """
+        tr = self.transformer
+        i2t, final = layer.cross_attn_image_to_token, tr.final_attn_token_to_image
+        which = slice(self.s, self.s + 1)
+        qk_f, qa_f = self._t2i_query(final, queries[:, which] + tokens[:, which])  # [B, H, C], [H, B, d+1]
+        norm = layer.norm4
+        g, beta = norm.weight, norm.bias
+        ga = qk_f * g.to(qk_f.dtype)
+        y, kga, p, m = self._img2tok(i2t, keys, keys, st.pe_queries[-1], queries + tokens, queries, extra=ga)
+        assert kga is not None
+        c = y.shape[-1]
+        keys2, mean, rstd = torch.native_layer_norm(y, (c,), g, beta, norm.eps)
+        # Laid out [B, H, N]: the (g*A) M^T P^T bmm is ~5x faster with N as its output's inner dimension.
+        s = torch.baddbmm(kga.transpose(1, 2), torch.bmm(ga.to(m.dtype), m.transpose(1, 2)), p.transpose(1, 2))
+        s.addcmul_(mean.transpose(1, 2).to(s.dtype), ga.sum(-1, keepdim=True).to(s.dtype), value=-1.0)
+        s.mul_(rstd.transpose(1, 2).to(s.dtype)).add_((qk_f * beta.to(qk_f.dtype)).sum(-1, keepdim=True).to(s.dtype))
+        b, nh, n = s.shape
+        s.add_(torch.bmm(qa_f, st.pe_keys[-1].to(qa_f.dtype)).view(nh, b, n).transpose(0, 1).to(s.dtype))
+        return keys2, self._t2i_output(final, torch.softmax(s, dim=-1), keys2, 1)
+
+    def _final_attention(self, st: ImageState, queries: Tensor, tokens: Tensor, keys: Tensor, which: slice) -> Tensor:
+        """The final token->image attention for the tokens in `which` only (attention is per query)."""
         tr = self.transformer
         q = queries[:, which]
-        attn = self._tok2img(tr.final_attn_token_to_image, q + tokens[:, which], keys, st.pe_keys[-1])
-        out: Tensor = tr.norm_final_attn(q + attn)
-        return out
+        return self._tok2img(tr.final_attn_token_to_image, q + tokens[:, which], keys, st.pe_keys[-1])
 
     def mask_logits(self, st: ImageState, queries: Tensor, tokens: Tensor, keys: Tensor) -> Tensor:
         """Low-res (256x256) logits of the three multimask outputs for the given prompts.
@@ -329,7 +407,9 @@ class PromptDecoder(nn.Module):
         faster than on NCHW.
         """
         first = self.s + 2  # the multimask tokens: after the IoU token and the single-mask token
-        mask_tokens = self._final(st, queries, tokens, keys, slice(first, first + self.num_mask_tokens - 1))
+        which = slice(first, first + self.num_mask_tokens - 1)
+        attn = self._final_attention(st, queries, tokens, keys, which)
+        mask_tokens = self.transformer.norm_final_attn(queries[:, which] + attn)
         b, _, c = keys.shape
         h, w = st.hw
         x = self.dc1(keys.view(b, h, w, c))
