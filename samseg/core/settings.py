@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     amg_impl: AmgImpl = "fast"
     amg_points_per_side: int = Field(32, ge=1, le=128)
-    # Unset: per device (resolved_points_per_batch): 4 on CPU (small per-prompt activations stay off mmap, see
+    # Unset: per device (resolved_points_per_batch): 8 on CPU (small per-prompt activations stay off mmap, see
     # docs/performance-cpu.md), 64 on CUDA.
     amg_points_per_batch: int | None = Field(None, ge=1, le=4096)
     amg_pred_iou_thresh: float = Field(0.8, ge=0.0, le=1.0)
@@ -492,7 +492,7 @@ def _http_url(value: str) -> str:
 
 
 # Default prompts per decoder batch when SAMSEG_AMG_POINTS_PER_BATCH is unset (docs/performance-cpu.md).
-CPU_POINTS_PER_BATCH = 4
+CPU_POINTS_PER_BATCH = 8
 GPU_POINTS_PER_BATCH = 64
 
 

@@ -163,8 +163,9 @@ def _with_trained_like_norms(model: Any) -> Any:
     """A copy of `model` whose mask decoder LayerNorms are not the identity.
 
     A freshly initialised LayerNorm has weight 1 and bias 0, and a random checkpoint keeps them so; a trained one
-    does not. The decoder folds the last layer's norm (its mean, rstd, weight and bias) into the IoU token's
-    final attention (PromptDecoder._last_layer_and_iou_attention), which only a non-trivial norm can test.
+    does not. The decoder folds the layers' norms (their mean, rstd, weight and bias) into the attentions that
+    read the image tokens (PromptDecoder._last_layer_and_iou_attention, and on CPU the whole two-layer transformer
+    on factors, decoder.LowRankImage), which only a non-trivial norm can test.
     """
     import copy
 
@@ -178,17 +179,21 @@ def _with_trained_like_norms(model: Any) -> Any:
     return other
 
 
+@pytest.mark.parametrize("path", ["factored", "materialised"])
 @pytest.mark.parametrize("norms", ["initial", "trained-like"])
 @pytest.mark.parametrize("batch", [1, 4, 7])
-def test_decoder_equals_sam2s_mask_decoder(model: Any, image: np.ndarray, batch: int, norms: str) -> None:
+def test_decoder_equals_sam2s_mask_decoder(model: Any, image: np.ndarray, batch: int, norms: str, path: str) -> None:
     """The re-associated decoder against SAM-2's own MaskDecoder, called as SAM2ImagePredictor._predict calls it:
     the same IoU predictions for every prompt, and the same low-res logits for any subset of prompts, whose mask
-    tokens finish their final attention only after the IoU filter picked them."""
+    tokens finish their final attention only after the IoU filter picked them. Both decoder paths: the two-layer
+    transformer on factors (CPU float32's default) and the one that builds each prompt's image tokens (CUDA's)."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from samseg.runtime.amg.decoder import PromptDecoder
 
     if norms == "trained-like":
         model = _with_trained_like_norms(model)
-    gen = FastMaskGenerator(model, points_per_side=POINTS)
+    decoder = PromptDecoder(model, int8=False, low_rank=path == "factored").eval()
     predictor = SAM2ImagePredictor(model)
     torch.manual_seed(batch)
     coords = torch.rand(batch, 1, 2) * 1024
@@ -206,10 +211,11 @@ def test_decoder_equals_sam2s_mask_decoder(model: Any, image: np.ndarray, batch:
             repeat_image=True,
             high_res_features=list(feats["high_res_feats"]),
         )
-        st = gen.decoder.image_state(feats["image_embed"], list(feats["high_res_feats"]))
-        queries, tokens, keys, iou = gen.decoder.run_transformer(st, coords)
+        st = decoder.image_state(feats["image_embed"], list(feats["high_res_feats"]))
+        assert (st.low_rank is not None) == (path == "factored")
+        queries, tokens, image_tokens, iou = decoder.run_transformer(st, coords)
         sel = torch.arange(batch)[torch.arange(batch) % 2 == 0]  # a subset, as the IoU filter would pick
-        low = gen.decoder.mask_logits(st, queries[sel], tokens[sel], keys[sel])
+        low = decoder.mask_logits(st, queries[sel], tokens[sel], tuple(part[sel] for part in image_tokens))
     torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(low, ref_low[sel], atol=1e-4, rtol=1e-4)
 

@@ -48,7 +48,7 @@ def test_defaults():
         s.amg_box_nms_thresh,
         s.amg_min_mask_region_area,
     ) == (32, None, 0.8, 0.95, 0.7, 0)
-    assert (s.resolved_points_per_batch("cpu"), s.resolved_points_per_batch("cuda")) == (4, 64)
+    assert (s.resolved_points_per_batch("cpu"), s.resolved_points_per_batch("cuda")) == (8, 64)
     assert s.aws_region == "us-east-1"
     assert s.aws_endpoint_url_sqs is None
     assert s.app_server_url is None

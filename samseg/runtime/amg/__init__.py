@@ -26,9 +26,13 @@ Exact (equal up to float rounding, always on):
     ride as 8 extra columns in the last layer's image->token scores bmm (the last LayerNorm is affine per
     image token once native_layer_norm has its mean and rstd), so no separate pass over the final image
     tokens computes them;
-  * prompts run in chunks of 4 on CPU by default (points_per_batch; 4 MB per prompt per activation, so each
-    block stays under glibc's mmap ceiling and is reused from the heap: see samseg.runtime.allocator and
-    docs/performance-cpu.md), at most 16;
+  * on CPU (float32) SAM-2's two-layer transformer runs on factors (decoder.LowRankImage): every LayerNorm is
+    affine per image token once its rstd is known, so each prompt's image tokens are written as per-image
+    projections plus [4096, 64] attention-weight products, and the norms' variances are expanded the same
+    way; no per-prompt 4096x256 tensor is built unless the prompt survives the IoU filter;
+  * prompts run in chunks of 8 on CPU by default (points_per_batch; ~2 MB per prompt per factored tensor, so
+    each block stays under glibc's mmap ceiling and is reused from the heap: see samseg.runtime.allocator and
+    docs/performance-cpu.md), at most 16; survivors finish 4 at a time;
   * the image is encoded with SAM2ImagePredictor.set_image's maths but without building a predictor, whose
     constructor torch.jit.scripts its transforms (~1.3 s per generator on CPU);
   * the upscaling runs channels-last (oneDNN's transposed convolutions ~3x faster than NCHW);

@@ -111,6 +111,53 @@ class ImageState:
     pe_queries: list[Tensor]  # [H, N, d+1] per later layer: Wq . pe, and a ones column
     high_res: list[Tensor]  # NHWC [feat_s0, feat_s1] (already through conv_s0/conv_s1)
     hw: tuple[int, int]  # embedding grid
+    low_rank: LowRankImage | None  # layer 1's image side, for transformers of two or more layers
+
+
+@dataclass
+class LowRankImage:
+    """Per-image inputs of the two-layer transformer run on factors (`PromptDecoder._two_layers_low_rank`).
+
+    Layer 0's image tokens are keys0 + P0 M0 (P0 [N, T*H] its image->token attention weights, M0 [T*H, C] the
+    value rows through the out-projection), then LayerNorm(g1, beta1). A LayerNorm is affine per token once its
+    rstd `a` is known, and each token's mean is P0's combination of M0's row means, so with keys0's own mean
+    removed once per image:
+        keys1 = a * (Y + P0 Q0) + beta1,   Y = (keys0 - mean) * g1,   Q0 = (M0 - row means) * g1,
+    and a's variance is ||Xc + P0 M~0||^2 / C, expanded into per-image terms and [N, T*H] products. Every use of
+    keys1 is a projection by a fixed weight W (per head, 16 channels) or by a prompt's few rows R, so
+    keys1 W^T = a * (Y W^T + P0 (Q0 W^T)) + W beta1: Y W^T is per image, P0 (Q0 W^T) a [N, 64] x [64, .] product
+    per prompt, where projecting keys1 itself reads [N, 256]. The last layer's tokens keys2 = LN(keys1 + P1 M1)
+    follow the same way, so no [N, 256] tensor is built per prompt unless its masks are wanted (`image_tokens`).
+    Names ending in `t` are centred per token (row mean removed); `ro` stacks two per-head projections.
+    """
+
+    y: Tensor  # [N, C] Y
+    yt: Tensor  # [N, C] Y centred
+    yk: Tensor  # [H, d, N] Y Wk^T of layer 1's token->image attention, per head, transposed
+    yv: Tensor  # [H, N, d] Y Wv^T of the same
+    yq: Tensor  # [H, d, N] Y Wq^T of layer 1's image->token attention, transposed
+    yo: Tensor  # [H, d+2, N] Y Wo^T of layer 1's image->token out-projection per head, Y.bo/H and -Y.1, transposed
+    yf: Tensor  # [H, d+1, N] (Y g2) Wk^T of the final attention per head and -Y.1, transposed
+    ro: Tensor  # [2H, d+1, N] Xc and Yt*g1 through layer 0's image->token out-projection, the same way
+    q0: Tensor  # [H, d+1, N] ImageState.q0 transposed (layer 0's image->token queries)
+    pq: Tensor  # [H, d+1, N] ImageState.pe_queries[0] transposed (layer 1's)
+    kb: Tensor  # [H, d] Wk beta1 + bk (layer 1 token->image)
+    vb: Tensor  # [H * d] Wv beta1 + bv (layer 1 token->image)
+    qb: Tensor  # [H, d] Wq beta1 + bq (layer 1 image->token)
+    beta1: Tensor  # [C]
+    beta1t: Tensor  # [C]
+    sums: Tensor  # [N, 6] per token: ||Xc||^2, ||Yt||^2, Yt.beta1t, Yt.g1, Y.1, ||beta1t||^2 (same in every row)
+
+
+@dataclass
+class LowRankPrompts:
+    """A chunk's layer-0 factors of keys1 (see `LowRankImage`)."""
+
+    a: Tensor  # [B, N] rstd of layer 0's last LayerNorm
+    p: Tensor  # [B, T*H, N] layer 0's image->token attention weights, N innermost (see `_layer0_low_rank`)
+    q0: Tensor  # [B, T*H, C] Q0 = (M0 - its row means) * g1
+    qt: Tensor  # [B, T*H, C] Q0 centred
+    k1sq: Tensor  # [B, N] ||keys1 - its mean||^2
 
 
 @dataclass
@@ -142,8 +189,11 @@ class Candidate:
 class PromptDecoder(nn.Module):
     """SAM-2 MaskDecoder + TwoWayTransformer, re-associated around the prompt-independent image side."""
 
-    def __init__(self, model: SAM2Base, int8: bool) -> None:
+    def __init__(self, model: SAM2Base, int8: bool, low_rank: bool = True) -> None:
+        """`low_rank`: run SAM-2's two-layer transformer on factors (`LowRankImage`); exact up to float rounding,
+        measured on CPU only, so the generator turns it on for CPU float32."""
         super().__init__()
+        self.low_rank = low_rank
         dec = model.sam_mask_decoder
         self.prompt_encoder: Any = model.sam_prompt_encoder
         self.transformer: Any = dec.transformer
@@ -183,18 +233,90 @@ class PromptDecoder(nn.Module):
         t2i, i2t = tr.layers[0].cross_attn_token_to_image, tr.layers[0].cross_attn_image_to_token
         kpe = keys0 + pe
         later = [layer.cross_attn_token_to_image for layer in tr.layers[1:]] + [tr.final_attn_token_to_image]
+        q0 = _project_heads(i2t.q_proj, kpe, i2t.num_heads)
+        pe_queries = [
+            _project_heads(layer.cross_attn_image_to_token.q_proj, pe, layer.cross_attn_image_to_token.num_heads)
+            for layer in tr.layers[1:]
+        ]
+        low_rank = None
+        if self.low_rank and len(tr.layers) == 2:
+            low_rank = self._low_rank_image(keys0[0], q0, pe_queries[0])
         return ImageState(
             keys0=_fresh(keys0),
             k0=_fresh(_heads(t2i.k_proj(kpe), t2i.num_heads)[0]),
             v0=_fresh(_heads(t2i.v_proj(keys0), t2i.num_heads)[0]),
-            q0=_project_heads(i2t.q_proj, kpe, i2t.num_heads),
+            q0=q0,
             pe_keys=[_fresh(_project_heads(a.k_proj, pe, a.num_heads).transpose(1, 2)) for a in later],
-            pe_queries=[
-                _project_heads(layer.cross_attn_image_to_token.q_proj, pe, layer.cross_attn_image_to_token.num_heads)
-                for layer in tr.layers[1:]
-            ],
+            pe_queries=pe_queries,
             high_res=[f.permute(0, 2, 3, 1).contiguous() for f in high_res],
             hw=(h, w),
+            low_rank=low_rank,
+        )
+
+    def _low_rank_image(self, x: Tensor, q0: Tensor, pq: Tensor) -> LowRankImage:
+        """Per-image projections for the two-layer transformer on factors (see `LowRankImage`)."""
+        tr = self.transformer
+        l0, l1 = tr.layers
+        norm = l0.norm4
+        t2i, i2t = l1.cross_attn_token_to_image, l1.cross_attn_image_to_token
+        g1, beta1 = norm.weight.detach().to(x.dtype), norm.bias.detach().to(x.dtype)
+        xc = x - x.mean(-1, keepdim=True)
+        y = xc * g1
+        yt = y - y.mean(-1, keepdim=True)
+        beta1t = beta1 - beta1.mean()
+        wk, bk = _linear_weight(t2i.k_proj)
+        wv, bv = _linear_weight(t2i.v_proj)
+        wq, bq = _linear_weight(i2t.q_proj)
+        wkf, _ = _linear_weight(tr.final_attn_token_to_image.k_proj)
+        g2 = l1.norm4.weight.detach().to(x.dtype)
+        minus_ysum = -y.sum(-1).view(1, 1, -1)
+
+        def out_rows(attn: Any, z: Tensor) -> Tensor:
+            # z M^T for value rows M = v Wo_h + bo/H: [H, d+1, N] z Wo_h^T per head, and z.bo/H as a last row
+            wo, bo = _linear_weight(attn.out_proj)
+            nh = attn.num_heads
+            zo = _heads((z @ wo.to(z.dtype))[None], nh)[0]
+            return torch.cat([zo, (z @ (bo / nh).to(z.dtype)).view(1, -1, 1).expand(nh, -1, 1)], -1).transpose(1, 2)
+
+        i2t0 = l0.cross_attn_image_to_token
+        sums = torch.stack(
+            [
+                (xc * xc).sum(-1),
+                (yt * yt).sum(-1),
+                yt @ beta1t,
+                yt @ g1,
+                y.sum(-1),
+                (beta1t * beta1t).sum().expand(x.shape[0]),
+            ],
+            -1,
+        )
+        return LowRankImage(
+            y=_fresh(y),
+            yt=_fresh(yt),
+            yk=_fresh(_heads(F.linear(y[None], wk), t2i.num_heads)[0].transpose(1, 2)),
+            yv=_fresh(_heads(F.linear(y[None], wv), t2i.num_heads)[0]),
+            yq=_fresh(_heads(F.linear(y[None], wq), i2t.num_heads)[0].transpose(1, 2)),
+            yo=_fresh(torch.cat([out_rows(i2t, y), minus_ysum.expand(i2t.num_heads, 1, -1)], 1)),
+            yf=_fresh(
+                torch.cat(
+                    [
+                        _heads(F.linear((y * g2)[None], wkf), tr.final_attn_token_to_image.num_heads)[0].transpose(
+                            1, 2
+                        ),
+                        minus_ysum.expand(tr.final_attn_token_to_image.num_heads, 1, -1),
+                    ],
+                    1,
+                )
+            ),
+            ro=_fresh(torch.cat([out_rows(i2t0, xc), out_rows(i2t0, yt * g1)])),
+            q0=_fresh(q0.transpose(1, 2)),
+            pq=_fresh(pq.transpose(1, 2)),
+            kb=(F.linear(beta1, wk) + bk).view(t2i.num_heads, -1),
+            vb=F.linear(beta1, wv) + bv,
+            qb=(F.linear(beta1, wq) + bq).view(i2t.num_heads, -1),
+            beta1=beta1,
+            beta1t=beta1t,
+            sums=_fresh(sums),
         )
 
     # ---- attention variants ----------------------------------------------------------------------
@@ -230,6 +352,42 @@ class PromptDecoder(nn.Module):
         return PromptDecoder._t2i_output(attn, p, x, t)
 
     @staticmethod
+    def _tok2img_low_rank(attn: Any, q_in: Tensor, lr: LowRankPrompts, li: LowRankImage, pe_k: Tensor) -> Tensor:
+        """Layer 1's token->image attention over keys1 = a * (Y + P0 Q0) + beta1, never reading keys1.
+
+        scores = a * (q Wk Y^T + (q Wk Q0^T) P0^T) + q (Wk pe)^T + q.(Wk beta1 + bk): a per-head bmm against the
+        per-image Y Wk^T (16 channels) and one [H*T, T*H] x [T*H, N] bmm per prompt, where q Wk keys1^T is a
+        [H*T, C] x [C, N] bmm. out = ((P a) Y Wv^T) + ((P a) P0) (Q0 Wv^T) + Wv beta1 + bv, as softmax rows sum to 1.
+        """
+        nh = attn.num_heads
+        b, t, _ = q_in.shape
+        wk, _ = _linear_weight(attn.k_proj)
+        wv, _ = _linear_weight(attn.v_proj)
+        q = _heads(attn.q_proj(q_in), nh)  # [B, H, T, d]
+        d, c = q.shape[-1], wk.shape[1]
+        q = q * (1.0 / math.sqrt(d))
+        qk = torch.einsum("bhtd,hdc->bhtc", q, wk.view(nh, d, c).to(q.dtype)).reshape(b, nh * t, c)
+        qb = (q * li.kb.view(1, nh, 1, d).to(q.dtype)).sum(-1, keepdim=True)
+        qh = q.transpose(0, 1).reshape(nh, b * t, d)
+        qa = torch.cat([qh, qb.transpose(0, 1).reshape(nh, b * t, 1)], -1)
+        n = li.yk.shape[-1]
+        p0 = lr.p.to(qk.dtype)  # [B, T*H, N]
+        scores = torch.bmm(torch.bmm(qk, lr.q0.transpose(1, 2).to(qk.dtype)), p0)  # [B, H*T, N]
+        a = lr.a.view(b, 1, 1, n).to(scores.dtype)
+        s4 = scores.view(b, nh, t, n).mul_(a)
+        head_terms = torch.bmm(qh, li.yk.to(qh.dtype)).view(nh, b, t, n).mul_(a.view(1, b, 1, n))
+        head_terms.view(nh, b * t, n).baddbmm_(qa, pe_k.to(qa.dtype))
+        s4.add_(head_terms.transpose(0, 1))
+        p = torch.softmax(scores, dim=-1)
+        p.view(b, nh, t, n).mul_(a)
+        ph = p.view(b, nh, t, n).transpose(0, 1).reshape(nh, b * t, n)
+        out = torch.bmm(ph, li.yv.to(ph.dtype)).view(nh, b, t, d).transpose(0, 1)  # [B, H, T, d]
+        z = torch.bmm(torch.bmm(p, p0.transpose(1, 2)), lr.q0.to(p.dtype)).view(b, nh, t, c)
+        out = out + torch.einsum("bhtc,hdc->bhtd", z, wv.view(nh, d, c).to(z.dtype)) + li.vb.view(1, nh, 1, d)
+        res: Tensor = attn.out_proj(_merge_heads(out.to(q_in.dtype)))
+        return res
+
+    @staticmethod
     def _t2i_query(attn: Any, q_in: Tensor) -> tuple[Tensor, Tensor]:
         """Token->image queries [B, T, C] -> (qk [B, H*T, C]: each head's scaled query through Wk, so that scores
         are qk . x^T; qa [H, B*T, d+1]: the scaled query with its bias term q.bk, for the bmm against `pe_k`)."""
@@ -248,10 +406,17 @@ class PromptDecoder(nn.Module):
     def _t2i_output(attn: Any, p: Tensor, x: Tensor, t: int) -> Tensor:
         """Token->image output from the attention weights `p` [B, H*T, N] (rows sum to 1): (P x) Wv^T + bv."""
         nh = attn.num_heads
-        wv, bv = _linear_weight(attn.v_proj)
         b, _, c = x.shape
-        d = wv.shape[0] // nh
         px = torch.bmm(p, x.to(p.dtype)).view(b, nh, t, c)
+        return PromptDecoder._t2i_values(attn, px)
+
+    @staticmethod
+    def _t2i_values(attn: Any, px: Tensor) -> Tensor:
+        """Token->image output from P x [B, H, T, C], the attention-weighted image tokens: (P x) Wv^T + bv."""
+        nh = attn.num_heads
+        wv, bv = _linear_weight(attn.v_proj)
+        c = px.shape[-1]
+        d = wv.shape[0] // nh
         out = torch.einsum("bhtc,hdc->bhtd", px, wv.view(nh, d, c).to(px.dtype)) + bv.view(1, nh, 1, d)
         res: Tensor = attn.out_proj(_merge_heads(out))
         return res
@@ -316,29 +481,38 @@ class PromptDecoder(nn.Module):
         return residual.baddbmm_(p.to(residual.dtype), m.to(residual.dtype)), x_extra, p, m
 
     # ---- per batch -------------------------------------------------------------------------------
-    def run_transformer(self, st: ImageState, coords: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def run_transformer(self, st: ImageState, coords: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
         """Two-way transformer for B single-point prompts, as far as the IoU filter needs.
 
-        Returns (queries, tokens, keys, iou): the token states before the final attention, the prompt tokens
-        (their positional encoding), the image tokens after the last layer, and the three multimask IoU
-        predictions. The final token->image attention is per token, so only the IoU token's runs here; the
-        mask tokens' runs in `mask_logits`, for the prompts that pass the filter.
+        Returns (queries, tokens, image, iou): the token states before the final attention, the prompt tokens
+        (their positional encoding), the image tokens after the last layer (`image_tokens` builds them: a
+        tuple of per-prompt tensors, indexed together by prompt), and the three multimask IoU predictions. The
+        final token->image attention is per token, so only the IoU token's runs here; the mask tokens' runs in
+        `mask_logits`, for the prompts that pass the filter.
         """
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int, device=coords.device)
         sparse, _ = self.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         b = sparse.shape[0]
         tokens = torch.cat((self.output_tokens.unsqueeze(0).expand(b, -1, -1).to(sparse.dtype), sparse), 1)
         tr = self.transformer
+        if st.low_rank is not None:
+            queries, iou_attn, image = self._two_layers_low_rank(st, st.low_rank, tokens)
+        else:
+            queries, iou_attn, image = self._layers_materialised(st, tokens)
+        iou_token = tr.norm_final_attn(queries[:, self.s : self.s + 1] + iou_attn)[:, 0]
+        iou = self.iou_head(iou_token)[:, 1:]  # multimask_output=True drops the single-mask token
+        return queries, tokens, image, iou
+
+    def _layers_materialised(self, st: ImageState, tokens: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """Any depth, every prompt's image tokens built per layer (CUDA, autocast, transformers not of 2 layers).
+
+        Returns (queries, the IoU token's final attention, (the last image tokens,))."""
+        tr = self.transformer
         queries = tokens
         keys: Tensor | None = None  # None while the image side is still the shared keys0
         iou_attn: Tensor | None = None  # the IoU token's final attention, folded into the last layer
         for i, layer in enumerate(tr.layers):
-            if layer.skip_first_layer_pe:
-                queries = layer.self_attn(q=queries, k=queries, v=queries)
-            else:
-                q = queries + tokens
-                queries = queries + layer.self_attn(q=q, k=q, v=queries)
-            queries = layer.norm1(queries)
+            queries = self._token_side(layer, queries, tokens)
             q = queries + tokens
             t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
             if keys is None:
@@ -357,9 +531,179 @@ class PromptDecoder(nn.Module):
         assert keys is not None
         if iou_attn is None:  # a one-layer transformer: no later layer to fold it into
             iou_attn = self._final_attention(st, queries, tokens, keys, slice(self.s, self.s + 1))
-        iou_token = tr.norm_final_attn(queries[:, self.s : self.s + 1] + iou_attn)[:, 0]
-        iou = self.iou_head(iou_token)[:, 1:]  # multimask_output=True drops the single-mask token
-        return queries, tokens, keys, iou
+        return queries, iou_attn, (keys,)
+
+    @staticmethod
+    def _token_side(layer: Any, queries: Tensor, tokens: Tensor) -> Tensor:
+        """A layer's self-attention over the prompt tokens, and its norm."""
+        if layer.skip_first_layer_pe:
+            out: Tensor = layer.norm1(layer.self_attn(q=queries, k=queries, v=queries))
+            return out
+        q = queries + tokens
+        out = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
+        return out
+
+    @staticmethod
+    def _i2t_kvm(attn: Any, k_in: Tensor, v_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Image->token keys (scaled) and values per head [B, H, T, d], and the value rows through the
+        out-projection M [B, T*H, C] = v Wo_h + bo/H (each image token's weights sum to 1 per head)."""
+        nh = attn.num_heads
+        k = _heads(attn.k_proj(k_in), nh)
+        v = _heads(attn.v_proj(v_in), nh)
+        d = k.shape[-1]
+        wo, bo = _linear_weight(attn.out_proj)
+        c = wo.shape[0]
+        m = torch.einsum("bhtd,chd->bthc", v, wo.view(c, nh, d).to(v.dtype)) + (bo / nh).view(1, 1, 1, c)
+        return k * (1.0 / math.sqrt(d)), v, m.reshape(k.shape[0], -1, c)
+
+    def _two_layers_low_rank(
+        self, st: ImageState, li: LowRankImage, tokens: Tensor
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """SAM-2's two-layer transformer with every per-prompt image-token tensor kept as factors (`LowRankImage`).
+
+        Returns (queries, the IoU token's final attention, the factors of the last image tokens)."""
+        l0, l1 = self.transformer.layers
+        queries = self._token_side(l0, tokens, tokens)
+        attn = self._tok2img_first(l0.cross_attn_token_to_image, queries + tokens, st.k0, st.v0)
+        queries = l0.norm2(queries + attn)
+        queries = l0.norm3(queries + l0.mlp(queries))
+        lr = self._layer0_low_rank(st, li, l0, queries + tokens, queries)
+        queries = self._token_side(l1, queries, tokens)
+        attn = self._tok2img_low_rank(l1.cross_attn_token_to_image, queries + tokens, lr, li, st.pe_keys[0])
+        queries = l1.norm2(queries + attn)
+        queries = l1.norm3(queries + l1.mlp(queries))
+        iou_attn, image = self._last_layer_low_rank(st, li, lr, l1, queries, tokens)
+        return queries, iou_attn, image
+
+    @staticmethod
+    def _layer0_low_rank(st: ImageState, li: LowRankImage, layer: Any, k_in: Tensor, v_in: Tensor) -> LowRankPrompts:
+        """Layer 0's image->token attention and LayerNorm as keys1's factors: P0, Q0 and the rstd `a`.
+
+        With Xc = keys0 - mean and M~0 = M0 - row means, the norm's input minus its mean is Xc + P0 M~0, so
+            C var = ||Xc||^2 + 2 P0.(Xc M0^T) + P0.(P0 M~0 M~0^T)   (row-wise dots; Xc's rows sum to 0),
+        where Xc M0^T is a per-head bmm against the per-image Xc Wo^T. ||keys1 - mean||^2, which the last norm's
+        variance needs, expands the same way with Yt = Y - mean and Q~0 = Q0 - row means.
+        Every [N, .] tensor here is laid out [B, rows, N], N innermost: the [rows, T*H] x [T*H, N] products
+        run several times faster than [N, T*H] x [T*H, rows] on CPU, and the softmax over each head's tokens,
+        the row-wise dots and the head-major bmm outputs' permutations then all vectorise along N.
+        """
+        attn = layer.cross_attn_image_to_token
+        nh = attn.num_heads
+        k, v, m = PromptDecoder._i2t_kvm(attn, k_in, v_in)
+        b, _, t, d = k.shape
+        th = t * nh
+        n = li.q0.shape[-1]
+        _, bq = _linear_weight(attn.q_proj)
+        kb = (k * bq.view(1, nh, 1, d).to(k.dtype)).sum(-1, keepdim=True)
+        ka = torch.cat([k, kb], -1).transpose(0, 1).reshape(nh, b * t, d + 1)
+        scores = torch.bmm(ka, li.q0.to(ka.dtype)).view(nh, b, t, n).permute(1, 2, 0, 3).reshape(b, t, nh, n)
+        p = torch.softmax(scores, dim=1).view(b, th, n)
+        norm = layer.norm4
+        g1 = norm.weight.to(m.dtype)
+        mrow = m.mean(-1, keepdim=True)  # [B, T*H, 1]
+        mt = m - mrow
+        q0 = mt * g1
+        qt = q0 - q0.mean(-1, keepdim=True)
+        grams = torch.cat(
+            [mt @ mt.transpose(1, 2), qt @ qt.transpose(1, 2), (qt @ li.beta1t.to(qt.dtype)).unsqueeze(1), mrow.mT], 1
+        )
+        pg = torch.bmm(grams, p)  # [B, 2*T*H + 2, N]
+        quads = (pg[:, : 2 * th].view(b, 2, th, n) * p.view(b, 1, th, n)).sum(2)  # [B, 2, N]
+        # P0.(Xc M0^T) and P0.((Yt g1) M0^T): head-major bmm rows ordered (token, prompt), so that the products
+        # with P0 sum over (head, token) as one contiguous dimension
+        vv = torch.cat([v, torch.ones_like(v[..., :1])], -1).permute(1, 2, 0, 3).reshape(nh, t * b, d + 1)
+        rr = torch.bmm(vv.repeat(2, 1, 1), li.ro.to(vv.dtype)).view(2, nh, t, b, n)
+        cross = rr.mul_(p.view(b, t, nh, n).permute(2, 1, 0, 3)).view(2, th, b, n).sum(1)  # [2, B, N]
+        sums = li.sums.to(p.dtype)
+        c = m.shape[-1]
+        a = torch.rsqrt((sums[:, 0] + 2 * cross[0] + quads[:, 0]) / c + norm.eps)  # [B, N]
+        w = sums[:, 1] + 2 * (cross[1] - sums[:, 3] * pg[:, 2 * th + 1]) + quads[:, 1]  # ||Yt + P0 Q~0||^2
+        k1sq = a * a * w + 2 * a * (sums[:, 2] + pg[:, 2 * th]) + sums[:, 5]
+        return LowRankPrompts(a=a, p=p, q0=q0, qt=qt, k1sq=k1sq)
+
+    def _last_layer_low_rank(
+        self, st: ImageState, li: LowRankImage, lr: LowRankPrompts, layer: Any, queries: Tensor, tokens: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The last layer's image->token attention and norm, and the IoU token's final attention, on factors.
+
+        Image->token scores: a * (Y (Wq^T k^T) + P0 (Q0 Wq^T k^T)) + (Wq pe) k^T + (Wq beta1 + bq).k. The last
+        norm's input minus its mean is z = k~1 + P1 M~1 (k~1 = keys1 - mean), so
+            C var2 = ||k~1||^2 + 2 P1.(keys1 M~1^T) + P1.(P1 M~1 M~1^T),
+        and the IoU token's final scores are rstd2 * (keys1 E~^T + (E~ M~1^T) P1^T) + A.beta2 + pe terms (A its
+        query through Wk, E~ = g2 * A centred), as in `_last_layer_and_iou_attention`. keys1 M~1^T and keys1 E~^T
+        are extra rows in the scores' [N, T*H] x [T*H, .] product. The attention's output is
+        P_f keys2 = (R k~1 + (R P1) M~1) * g2 + beta2 with R = P_f * rstd2, whose k~1 term is (R a) Yt +
+        ((R a) P0) Q~0 + sum(R) beta1~. Returns (that attention's output, the factors for `image_tokens`).
+        """
+        tr = self.transformer
+        attn, final = layer.cross_attn_image_to_token, tr.final_attn_token_to_image
+        nh = attn.num_heads
+        k, v, m = self._i2t_kvm(attn, queries + tokens, queries)
+        b, _, t, d = k.shape
+        th = t * nh
+        c = m.shape[-1]
+        n = li.y.shape[0]
+        wq, _ = _linear_weight(attn.q_proj)
+        which = slice(self.s, self.s + 1)
+        qk_f, qa_f = self._t2i_query(final, queries[:, which] + tokens[:, which])  # [B, H, C], [H, B, d+1]
+        hf = qk_f.shape[1]
+        norm = layer.norm4
+        g2, beta2 = norm.weight.to(m.dtype), norm.bias.to(m.dtype)
+        e = qk_f * g2
+        e_mean = e.mean(-1, keepdim=True)  # [B, H, 1]
+        e = e - e_mean
+        mrow = m.mean(-1, keepdim=True)
+        mt = m - mrow
+        rows = torch.einsum("bhtd,hdc->bthc", k, wq.view(nh, d, c).to(k.dtype)).reshape(b, th, c)
+        rows = torch.cat([rows, e.to(rows.dtype), mt.to(rows.dtype)], 1)
+        p0 = lr.p.to(rows.dtype)  # [B, T*H, N]
+        buf = torch.bmm(torch.bmm(rows, lr.q0.to(rows.dtype).transpose(1, 2)), p0)
+        scores, xe, xm = buf[:, :th], buf[:, th : th + hf], buf[:, th + hf :]  # [B, ., N]
+        # Y E~^T = (Y g2) Wk^T q - (Y.1) mean(E), per head
+        qf = torch.cat([qa_f[..., :-1], e_mean.transpose(0, 1)], -1)  # [H, B, d+1]
+        xe.add_(torch.bmm(qf, li.yf.to(qf.dtype)).transpose(0, 1))
+        # Y M~1^T = Y M1^T - (Y.1) (M1's row means), per head
+        ones = torch.ones_like(v[..., :1])
+        vv = torch.cat([v, ones, mrow.view(b, t, nh, 1).transpose(1, 2)], -1).transpose(0, 1).reshape(nh, b * t, d + 2)
+        xm.view(b, t, nh, n).add_(torch.bmm(vv, li.yo.to(vv.dtype)).view(nh, b, t, n).permute(1, 2, 0, 3))
+        a = lr.a.to(buf.dtype)
+        buf.mul_(a.unsqueeze(1))
+        kb = (k * li.qb.view(1, nh, 1, d).to(k.dtype)).sum(-1, keepdim=True)
+        ka = torch.cat([k, kb], -1).transpose(0, 1).reshape(nh, b * t, d + 1)
+        head_terms = torch.bmm(ka[..., :d], li.yq.to(k.dtype)).view(nh, b, t, n).mul_(a.view(1, b, 1, n))
+        head_terms.view(nh, b * t, n).baddbmm_(ka, li.pq.to(ka.dtype))
+        scores.view(b, t, nh, n).add_(head_terms.permute(1, 2, 0, 3))
+        beta1 = li.beta1.to(e.dtype)
+        xe.add_((e @ beta1).unsqueeze(-1))
+        xm.add_((mt @ beta1).unsqueeze(-1))
+        p1 = torch.softmax(scores.view(b, t, nh, n), dim=1).view(b, th, n)
+        pm = torch.bmm(mt @ mt.transpose(1, 2), p1)
+        var2 = (lr.k1sq + 2 * (p1 * xm).sum(1) + (p1 * pm).sum(1)) / c
+        rstd2 = torch.rsqrt(var2 + norm.eps)  # [B, N]
+        s = torch.bmm(e @ mt.transpose(1, 2), p1).add_(xe).mul_(rstd2.unsqueeze(1))  # [B, H, N]
+        s.add_((qk_f * beta2).sum(-1, keepdim=True))
+        s.add_(torch.bmm(qa_f, st.pe_keys[-1].to(qa_f.dtype)).view(nh, b, n).transpose(0, 1))
+        r = torch.softmax(s, dim=-1).mul_(rstd2.unsqueeze(1))
+        ra = r * lr.a.unsqueeze(1)
+        z = torch.mm(ra.reshape(b * hf, n), li.yt.to(ra.dtype)).view(b, hf, c)
+        z.baddbmm_(torch.bmm(ra, p0.transpose(1, 2)), lr.qt).baddbmm_(torch.bmm(r, p1.transpose(1, 2)), mt)
+        z.add_(r.sum(-1, keepdim=True) * li.beta1t.to(z.dtype))
+        px = (z * g2 + beta2).view(b, hf, 1, c)
+        return self._t2i_values(final, px), (lr.a, lr.p, lr.qt, p1, mt, rstd2)
+
+    def image_tokens(self, st: ImageState, image: tuple[Tensor, ...]) -> Tensor:
+        """The last layer's image tokens [B, N, C] from `run_transformer`'s `image` (already the tokens, or the
+        factors keys2 = rstd2 * (a * (Yt + P0 Q~0) + beta1~ + P1 M~1) * g2 + beta2 of the low-rank path)."""
+        if len(image) == 1:
+            return image[0]
+        assert st.low_rank is not None
+        a, p0, qt, p1, mt, rstd2 = image
+        norm = self.transformer.layers[-1].norm4
+        li = st.low_rank
+        keys = torch.baddbmm(li.yt.expand(a.shape[0], -1, -1), p0.transpose(1, 2), qt)
+        keys.mul_(a.unsqueeze(-1)).add_(li.beta1t).baddbmm_(p1.transpose(1, 2), mt)
+        keys.mul_(rstd2.unsqueeze(-1)).mul_(norm.weight).add_(norm.bias)
+        return keys
 
     def _last_layer_and_iou_attention(
         self, st: ImageState, layer: Any, queries: Tensor, tokens: Tensor, keys: Tensor
@@ -399,13 +743,14 @@ class PromptDecoder(nn.Module):
         q = queries[:, which]
         return self._tok2img(tr.final_attn_token_to_image, q + tokens[:, which], keys, st.pe_keys[-1])
 
-    def mask_logits(self, st: ImageState, queries: Tensor, tokens: Tensor, keys: Tensor) -> Tensor:
+    def mask_logits(self, st: ImageState, queries: Tensor, tokens: Tensor, image: tuple[Tensor, ...]) -> Tensor:
         """Low-res (256x256) logits of the three multimask outputs for the given prompts.
 
         Finishes the mask tokens' final attention, then upscales channels-last (NHWC): keys already are,
         LayerNorm2d becomes a plain layer_norm over the last dim, and oneDNN's transposed convolutions are ~3x
         faster than on NCHW.
         """
+        keys = self.image_tokens(st, image)
         first = self.s + 2  # the multimask tokens: after the IoU token and the single-mask token
         which = slice(first, first + self.num_mask_tokens - 1)
         attn = self._final_attention(st, queries, tokens, keys, which)

@@ -34,6 +34,11 @@ from samseg.runtime.amg.geometry import (
 from samseg.runtime.amg.output import GeneratedMask, PaintContext
 from samseg.runtime.amg.params import AmgParams
 
+# Survivors per mask_logits call on CPU: each one's image tokens are 4 MB and its upscaled features up to 8 MB, so
+# they run 4 at a time as before the transformer was factored (8 would put every image-token block over glibc's
+# 32 MiB mmap ceiling, samseg.runtime.allocator).
+CPU_MASK_CHUNK = 4
+
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
 
@@ -159,15 +164,19 @@ class FastMaskGenerator:
         self.prune = prune
         if int8 and (self.device.type != "cpu" or half):
             raise ValueError("int8 dynamic quantisation is CPU-only and float32-only (not with half)")
-        self.decoder = PromptDecoder(model, int8=int8).eval()
+        # The factored two-layer transformer (decoder.LowRankImage) was measured on CPU float32 only; CUDA and
+        # autocast keep the materialised path.
+        low_rank = self.device.type == "cpu" and not half
+        self.decoder = PromptDecoder(model, int8=int8, low_rank=low_rank).eval()
         if half and self.device.type == "cuda":
             self.points_per_batch = len(self.grid)  # all points in one batch
-        # Prompts per decoder call: each prompt's activations are 4 MB per 4096x256 fp32 tensor, so a chunk of
-        # B prompts allocates B x 4 MB blocks. On CPU at most 16 (measured ~2x faster per prompt than 64); the
-        # CPU default batch of 4 keeps every block under glibc's 32 MiB mmap ceiling (samseg.runtime.allocator),
-        # so it is reused from the heap instead of being mmapped and page-faulted again per chunk.
-        # CUDA takes the whole batch.
+        # Prompts per decoder call. On CPU the transformer keeps each prompt's image side as factors of at most
+        # ~2 MB per tensor (decoder.LowRankImage), so the default chunk of 8 keeps every block under glibc's
+        # 32 MiB mmap ceiling (samseg.runtime.allocator) and reuses it from the heap instead of mmapping and
+        # page-faulting it again per chunk; at most 16. Survivors finish 4 at a time (CPU_MASK_CHUNK). CUDA takes
+        # the whole batch.
         self._chunk = min(self.points_per_batch, 16) if self.device.type == "cpu" else self.points_per_batch
+        self._mask_chunk = min(self._chunk, CPU_MASK_CHUNK) if self.device.type == "cpu" else self._chunk
         self.timings: dict[str, float] = {}
         self._compiled = compile
         self._transformer_fn: Any = self.decoder.run_transformer
@@ -324,7 +333,7 @@ class FastMaskGenerator:
             coords = torch.cat([coords, coords[-1:].expand(self._chunk - real, -1, -1)])  # fixed shape
         t0 = time.perf_counter()
         with self._autocast():
-            queries, tokens, keys, iou = self._transformer_fn(ctx.st, coords)
+            queries, tokens, image, iou = self._transformer_fn(ctx.st, coords)
             iou = iou[:real].float()
             iou_thresh = ctx.params.pred_iou_thresh
             keep = (iou > iou_thresh) | (iou_thresh <= 0.0)  # upstream skips thresh <= 0
@@ -333,7 +342,12 @@ class FastMaskGenerator:
             self.timings["transformer"] += t1 - t0
             if len(sel) == 0:
                 return []
-            low = self.decoder.mask_logits(ctx.st, queries[sel], tokens[sel], keys[sel]).float()
+            low = torch.cat(
+                [
+                    self.decoder.mask_logits(ctx.st, queries[s], tokens[s], tuple(part[s] for part in image))
+                    for s in torch.split(sel, self._mask_chunk)
+                ]
+            ).float()
         keep_sel = keep[sel]
         low = low[keep_sel]  # [m, 256, 256]: point-major, then mask index (upstream's order)
         if ctx.hole_filler is not None:
