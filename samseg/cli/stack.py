@@ -28,10 +28,10 @@ from samseg.cli.supervisor import Supervisor, free_port, port_taken, wait_port
 if TYPE_CHECKING:
     from samseg.core.settings import Settings
 
-# Measured on a 2-core x86_64 machine with sam2.1_hiera_tiny (README, "Performance"): ~3 s for the image
-# encoder plus, per grid point, ~0.1 s in upstream's generator and ~0.03 s in samseg's.
-CPU_ENCODER_SECONDS = 3.0
-CPU_SECONDS_PER_POINT = {"upstream": 0.1, "fast": 0.03}
+# Measured on a 2-core x86_64 machine with sam2.1_hiera_tiny (docs/performance-cpu.md, item 8): ~2.7 s for the
+# image encoder plus, per grid point, ~0.1 s in upstream's generator and ~0.008 s in samseg's.
+CPU_ENCODER_SECONDS = 2.7
+CPU_SECONDS_PER_POINT = {"upstream": 0.1, "fast": 0.008}
 CPU_DEFAULT_POINTS_PER_SIDE = 16
 # What `samseg up` gives its own SQS emulator when the user has no AWS keys set: moto accepts any, and boto3
 # and kombu refuse to sign requests without some. Printed in the banner for clients in another shell.

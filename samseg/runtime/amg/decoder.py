@@ -1,7 +1,9 @@
 """SAM-2's mask decoder re-associated for many prompts against one image (see samseg.runtime.amg for the maths).
 
 Image-side work that does not depend on the prompt is done once per image; attention over the 4096 image tokens
-projects the prompt's few tokens into image space instead of the image tokens into head space.
+projects the prompt's few tokens into image space instead of the image tokens into head space. On CPU float32 the
+two-layer transformer goes further and never builds a prompt's 4096x256 image tokens before the IoU filter: they
+are kept as factors (`LowRankImage`), per-image projections plus [4096, 64] attention-weight products.
 """
 
 from __future__ import annotations
