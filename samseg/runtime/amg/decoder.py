@@ -585,9 +585,9 @@ class PromptDecoder(nn.Module):
             C var = ||Xc||^2 + 2 P0.(Xc M0^T) + P0.(P0 M~0 M~0^T)   (row-wise dots; Xc's rows sum to 0),
         where Xc M0^T is a per-head bmm against the per-image Xc Wo^T. ||keys1 - mean||^2, which the last norm's
         variance needs, expands the same way with Yt = Y - mean and Q~0 = Q0 - row means.
-        Every [N, .] tensor here is laid out [B, rows, N], N innermost: the [rows, T*H] x [T*H, N] products
-        run several times faster than [N, T*H] x [T*H, rows] on CPU, and the softmax over each head's tokens,
-        the row-wise dots and the head-major bmm outputs' permutations then all vectorise along N.
+        Every [N, .] tensor here is laid out [B, rows, N], N innermost, so the softmax over each head's tokens, the
+        row-wise dots and the permutations of the head-major bmm outputs all vectorise along N (laid out
+        [B, N, rows] first, the dot against the [H, N, B, T] bmm output alone took ~1.4 ms per prompt on CPU).
         """
         attn = layer.cross_attn_image_to_token
         nh = attn.num_heads
