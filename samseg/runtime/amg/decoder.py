@@ -133,7 +133,6 @@ class LowRankImage:
     Names ending in `t` are centred per token (row mean removed); `ro` stacks two per-head projections.
     """
 
-    y: Tensor  # [N, C] Y
     yt: Tensor  # [N, C] Y centred
     yk: Tensor  # [H, d, N] Y Wk^T of layer 1's token->image attention, per head, transposed
     yv: Tensor  # [H, N, d] Y Wv^T of the same
@@ -293,7 +292,6 @@ class PromptDecoder(nn.Module):
             -1,
         )
         return LowRankImage(
-            y=_fresh(y),
             yt=_fresh(yt),
             yk=_fresh(_heads(F.linear(y[None], wk), t2i.num_heads)[0].transpose(1, 2)),
             yv=_fresh(_heads(F.linear(y[None], wv), t2i.num_heads)[0]),
@@ -644,7 +642,7 @@ class PromptDecoder(nn.Module):
         b, _, t, d = k.shape
         th = t * nh
         c = m.shape[-1]
-        n = li.y.shape[0]
+        n = li.yt.shape[0]
         wq, _ = _linear_weight(attn.q_proj)
         which = slice(self.s, self.s + 1)
         qk_f, qa_f = self._t2i_query(final, queries[:, which] + tokens[:, which])  # [B, H, C], [H, B, d+1]
