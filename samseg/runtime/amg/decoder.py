@@ -113,7 +113,7 @@ class ImageState:
     pe_queries: list[Tensor]  # [H, N, d+1] per later layer: Wq . pe, and a ones column
     high_res: list[Tensor]  # NHWC [feat_s0, feat_s1] (already through conv_s0/conv_s1)
     hw: tuple[int, int]  # embedding grid
-    low_rank: LowRankImage | None  # layer 1's image side, for transformers of two or more layers
+    low_rank: LowRankImage | None  # the factored image side (CPU float32, two-layer transformers only), else None
 
 
 @dataclass
