@@ -20,6 +20,12 @@ never fails because of it. Applying is idempotent (the same PATCH or PUT twice i
 only sends when the wanted state differs from what was last applied (or an ECS renewal is due). The busy →
 idle change waits IDLE_GRACE_SECONDS, so a worker going from one job to the next sends nothing.
 
+What the platform holds is *unknown* until a request succeeds, and again after any request fails: a request
+that timed out may still have landed (a hung "busy" PATCH that the API server applies after our timeout), and a
+container restarted in the same pod (OOM-killed mid-job) finds the annotations its predecessor set. Unknown is
+treated as "maybe protected": an idle worker clears it. So a worker clears once at start-up, and a job that
+ends while its "busy" request is failing still ends with the pod cleared, never left protected for good.
+
 Protection is a preference, not a guarantee: if every replica is busy, a scale-in still removes one, and the
 soft shutdown (`SAMSEG_WORKER_SOFT_SHUTDOWN_TIMEOUT_SECONDS`, `REMAP_SIGTERM=SIGQUIT`) then lets its job
 finish or hands it back to SQS at once (docs/deployment-kubernetes.md, "Scale-in").
@@ -38,7 +44,7 @@ import json
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -149,16 +155,29 @@ class EcsTask:
 class ScaleInGuard(threading.Thread):
     """Reference-counted busy state, mirrored to the platform by this thread (never by the caller)."""
 
-    def __init__(self, platform: Platform, idle_grace: float = IDLE_GRACE_SECONDS, retry: float = RETRY_SECONDS):
+    def __init__(
+        self,
+        platform: Platform,
+        idle_grace: float = IDLE_GRACE_SECONDS,
+        retry: float = RETRY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         super().__init__(name="samseg-scale-in", daemon=True)
         self.platform = platform
         self.idle_grace = idle_grace
         self.retry = retry
+        self._clock = clock
         self._cond = threading.Condition()
         self._busy = 0
-        self._idle_since = time.monotonic()
-        self._applied: bool | None = None  # what the platform last accepted; None: nothing sent yet
+        self._idle_since = clock()
+        # What the platform last accepted; None: unknown (nothing accepted yet, or the last request failed and
+        # may or may not have landed). An idle worker clears an unknown state (module docstring).
+        self._applied: bool | None = None
         self._applied_at = 0.0
+        # After a failure the same state is re-sent no sooner than `retry` later; a *different* state (the job
+        # ended while its "busy" request was failing) goes out as soon as it is due.
+        self._failed: bool | None = None
+        self._retry_at = 0.0
         self._stopping = False
 
     # --- the interface tasks use (cheap, never blocks on the network) ------------------------------------
@@ -171,7 +190,7 @@ class ScaleInGuard(threading.Thread):
         with self._cond:
             self._busy = max(0, self._busy - 1)
             if self._busy == 0:
-                self._idle_since = time.monotonic()
+                self._idle_since = self._clock()
             self._cond.notify_all()
 
     @contextlib.contextmanager
@@ -201,10 +220,18 @@ class ScaleInGuard(threading.Thread):
                 left = self._applied_at + renew - now
                 return (True, 0) if left <= 0 else (None, left)
             return None, 3600
-        if self._applied is not True:  # idle, and nothing (or "idle") was applied: nothing to clear
+        if self._applied is False:  # idle, and "idle" is what the platform holds: nothing to send
             return None, 3600
         left = self._idle_since + self.idle_grace - now
         return (False, 0) if left <= 0 else (None, left)
+
+    def next_request(self, now: float) -> tuple[bool | None, float]:
+        """(state to send now or None, seconds until something may be due), honouring the retry delay."""
+        with self._cond:
+            wanted, wait = self._due(now)
+            if wanted is not None and wanted is self._failed and now < self._retry_at:
+                return None, self._retry_at - now
+            return wanted, wait
 
     def run(self) -> None:
         while True:
@@ -212,35 +239,37 @@ class ScaleInGuard(threading.Thread):
                 while True:
                     if self._stopping:
                         return
-                    wanted, wait = self._due(time.monotonic())
+                    wanted, wait = self.next_request(self._clock())
                     if wanted is not None:
                         break
                     self._cond.wait(wait)
-            if not self._send(wanted):
-                with self._cond:
-                    self._cond.wait(self.retry)
+            self.send(wanted)
 
-    def _send(self, busy: bool) -> bool:
+    def send(self, busy: bool) -> bool:
+        """One request for `busy` (the thread's, and `stop`'s last); records what the platform now holds."""
         try:
             self.platform.apply(busy)
         except Exception as exc:  # best-effort: the job goes on; the thread tries again
             log.warning("scale_in_protection_failed", platform=self.platform.name, busy=busy, error=repr(exc))
+            with self._cond:
+                self._applied = None  # it may have landed all the same: unknown until a request succeeds
+                self._failed, self._retry_at = busy, self._clock() + self.retry
             return False
         with self._cond:
             changed = self._applied is not busy
-            self._applied, self._applied_at = busy, time.monotonic()
+            self._applied, self._applied_at, self._failed = busy, self._clock(), None
         if changed:
             log.info("scale_in_protection", platform=self.platform.name, protected=busy)
         return True
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread; a worker that stops while protected clears its protection (one try, bounded)."""
+        """Stop the thread; a worker that stops protected (or unsure) clears its protection (one try, bounded)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         self.join(timeout)
-        if self._applied:
-            self._send(False)
+        if self._applied is not False:
+            self.send(False)
 
 
 def platform_for(settings: Settings) -> Platform | None:
