@@ -16,9 +16,10 @@ SOFT_SECONDS = 4
 # The deadline never releases before SQS's long poll (wait_time_seconds, 10 s) in flight at SIGTERM has ended:
 # released earlier, that poll hands the message back to the dying worker (samseg/ops/soft_shutdown.py).
 BOUND = max(SOFT_SECONDS, 10 + 1) + 5
-# The stopping worker's segment takes minutes (576 prompts on 2 CPU cores), so it is surely still running when
-# the deadline passes; the worker that redoes it uses the stack's small grid (seconds).
-SLOW = {"SAMSEG_AMG_POINTS_PER_SIDE": "24", "SAMSEG_AMG_POINTS_PER_BATCH": "32"}
+# The stopping worker's segment is 4,096 prompts: over 30 s on 2 CPU cores even with the factored decoder (about
+# 8 ms a prompt, docs/performance-cpu.md; measured 37 s, where 576 prompts took 8 s, inside BOUND), so it is
+# surely still running when the deadline passes. The worker that redoes it uses the stack's small grid.
+SLOW = {"SAMSEG_AMG_POINTS_PER_SIDE": "64", "SAMSEG_AMG_POINTS_PER_BATCH": "32"}
 # As in deploy/kubernetes: the GPU worker keeps Celery's warm shutdown (no REMAP_SIGTERM: Celery cannot cancel a
 # thread) and samseg.ops.soft_shutdown bounds it.
 GPU_WORKER_ENV = {"CELERY_CUSTOM_WORKER_POOL": "samseg.pool:ModelThreadPool"}
