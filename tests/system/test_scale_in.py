@@ -85,10 +85,11 @@ def _timed(server: LoopbackServer, path: str) -> list[tuple[float, Recorded]]:
 def test_kubernetes_pod_is_protected_while_busy_and_released_when_the_last_job_ends(monkeypatch, tmp_path, server):
     seen = _timed(server, POD_PATH)
     guard = ScaleInGuard(_k8s(monkeypatch, tmp_path, server), idle_grace=0.2)
+    # Busy before the thread starts: its start-up clear (after the idle grace) must not race the first job.
+    guard.job_started()
+    guard.job_started()  # the GPU pool's second thread
     guard.start()
     try:
-        guard.job_started()
-        guard.job_started()  # the GPU pool's second thread
         [busy] = server.wait_for(_busy, timeout=10)
         assert busy.path == POD_PATH
         assert busy.headers["Content-Type"] == "application/merge-patch+json"
@@ -134,11 +135,12 @@ def test_ecs_task_protection_is_set_renewed_while_busy_and_cleared(monkeypatch, 
     assert platform.renew_seconds == 45 * 60 / 3
     platform.renew_seconds = 0.3  # renewals within the test's time
     guard = ScaleInGuard(platform, idle_grace=0.1)
+    guard.job_started()  # before the thread starts, so no start-up clear comes first
     guard.start()
     try:
-        with guard.job():
-            puts = server.wait_for(lambda r: r.method == "PUT", timeout=10, count=3)
-            assert all(r.json() == {"ProtectionEnabled": True, "ExpiresInMinutes": 45} for r in puts)
+        puts = server.wait_for(lambda r: r.method == "PUT", timeout=10, count=3)
+        assert all(r.json() == {"ProtectionEnabled": True, "ExpiresInMinutes": 45} for r in puts)
+        guard.job_finished()
         server.wait_for(lambda r: r.json() == {"ProtectionEnabled": False}, timeout=10)
     finally:
         guard.stop()
